@@ -1,0 +1,82 @@
+"""From per-level log-likelihood maps to pixel anomaly maps (SPEC 2.8).
+
+* map 1: per level, ``exp(logp - max over the class's test set)``, bilinear
+  up-sampling, sum over levels, then ``global max - map``;
+* map 2: per level ``softmax([logp, logp_a])[abnormal]``, up-sampled, averaged;
+* final map = mean of the Gaussian-smoothed (sigma 4) maps 1 and 2.
+
+Smoothing is linear, so ``(G(m1) + G(m2)) / 2 = G((m1 + m2) / 2)`` and the
+constant ``global max`` passes through it: each image is smoothed once, in
+batches on the model's device.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    # scipy's mode="reflect" repeats the edge sample (d c b a | a b c d); torch's
+    # "reflect" padding does not, so the border is built by hand.
+    left, right = maps[..., :radius].flip(-1), maps[..., -radius:].flip(-1)
+    maps = torch.cat([left, maps, right], dim=-1)
+    top, bottom = maps[..., :radius, :].flip(-2), maps[..., -radius:, :].flip(-2)
+    return torch.cat([top, maps, bottom], dim=-2)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
+    """Gaussian smoothing of (N, H, W) maps, equal to ``scipy.ndimage.gaussian_filter``
+    (``mode="reflect"``, ``truncate=4``) applied to each map."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device)
+    radius = kernel.numel() // 2
+    if radius > min(maps.shape[-2:]):
+        raise ValueError(f"maps of size {tuple(maps.shape[-2:])} are too small for sigma {sigma}")
+    padded = _symmetric_pad(maps.float(), radius).unsqueeze(1)
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+    return blurred.squeeze(1)
+
+
+def _upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
+
+
+@torch.no_grad()
+def anomaly_maps(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.Tensor], size: int = 224,
+                 sigma: float = 4.0, chunk: int = 64) -> torch.Tensor:
+    """Fuse per-level maps of ALL test images of one class into (N, size, size) anomaly maps.
+
+    ``logps`` and ``abnormal_probs`` are per-level (N, H_l, W_l) tensors.  The
+    result is float32 on the CPU.
+    """
+    level_max = [lp.max() for lp in logps]
+    n = logps[0].shape[0]
+    smoothed, global_max = [], None
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        normality = sum(_upsample((lp[part] - m).exp(), size) for lp, m in zip(logps, level_max))
+        abnormality = sum(_upsample(pa[part], size) for pa in abnormal_probs) / len(abnormal_probs)
+        chunk_max = normality.max()
+        global_max = chunk_max if global_max is None else torch.maximum(global_max, chunk_max)
+        smoothed.append(gaussian_blur((abnormality - normality) / 2.0, sigma).cpu())
+    return torch.cat(smoothed) + global_max.cpu() / 2.0
+
+
+def map_components(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.Tensor], size: int = 224,
+                   sigma: float = 4.0) -> List[torch.Tensor]:
+    """The two smoothed maps separately (for analysis and tests); memory-hungry, small sets only."""
+    normality = sum(_upsample((lp - lp.max()).exp(), size) for lp in logps)
+    map1 = gaussian_blur(normality.max() - normality, sigma)
+    map2 = gaussian_blur(sum(_upsample(pa, size) for pa in abnormal_probs) / len(abnormal_probs), sigma)
+    return [map1, map2]

@@ -1,0 +1,117 @@
+"""Reference banks, nearest-reference matching, residual features and EFDM.
+
+A *reference bank* holds, per feature level, the features of the k normal
+reference images of one class flattened to a (k*H*W, C) matrix, image-major:
+the first H*W rows belong to reference image 1, so a bank of 8 shots can be
+cut to its first k shots (SPEC 2.3).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+RESIDUAL_MODES = ("squared", "difference")
+
+# Upper bound on the elements of one similarity block (rows x bank rows) built
+# by the matcher; 2**26 float32 = 256 MiB.
+_MAX_BLOCK_ELEMENTS = 2 ** 26
+
+
+def flatten_positions(feature: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C), image-major then row-major."""
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
+def unflatten_positions(rows: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """(B*H*W, C) -> (B, C, H, W); inverse of :func:`flatten_positions`."""
+    return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+class ReferenceBank:
+    """Per-level reference features of one class (image-major rows)."""
+
+    def __init__(self, levels: Sequence[torch.Tensor], num_shots: int):
+        self.levels: List[torch.Tensor] = [lvl.float() for lvl in levels]
+        self.num_shots = int(num_shots)
+        for lvl in self.levels:
+            if lvl.ndim != 2 or lvl.shape[0] % self.num_shots:
+                raise ValueError(f"bank level of shape {tuple(lvl.shape)} is not {self.num_shots} "
+                                 "images of equal size")
+        self._normalized: List[torch.Tensor] | None = None
+
+    @classmethod
+    def from_features(cls, features: Sequence[torch.Tensor]) -> "ReferenceBank":
+        """Build from per-level (k, C, H, W) feature maps of the k reference images."""
+        return cls([flatten_positions(f) for f in features], num_shots=features[0].shape[0])
+
+    def take(self, shots: int) -> "ReferenceBank":
+        """The bank of the first ``shots`` reference images."""
+        if not 1 <= shots <= self.num_shots:
+            raise ValueError(f"asked for {shots} shots, the bank has {self.num_shots}")
+        if shots == self.num_shots:
+            return self
+        return ReferenceBank([lvl[: lvl.shape[0] // self.num_shots * shots] for lvl in self.levels], shots)
+
+    def to(self, device: torch.device | str) -> "ReferenceBank":
+        return ReferenceBank([lvl.to(device) for lvl in self.levels], self.num_shots)
+
+    def normalized(self) -> List[torch.Tensor]:
+        """L2-normalised rows, computed once per bank."""
+        if self._normalized is None:
+            self._normalized = [F.normalize(lvl, dim=1) for lvl in self.levels]
+        return self._normalized
+
+    @property
+    def channels(self) -> List[int]:
+        return [lvl.shape[1] for lvl in self.levels]
+
+
+def nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
+    """Index of the bank row with the highest cosine similarity to each query row.
+
+    ``bank_normalized`` must have unit rows.  The similarity matrix is built in
+    row blocks so that memory stays bounded for large banks.
+    """
+    queries = F.normalize(queries, dim=1)
+    block = max(1, _MAX_BLOCK_ELEMENTS // max(1, bank_normalized.shape[0]))
+    bank_t = bank_normalized.t()
+    return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+
+
+def match_references(features: Sequence[torch.Tensor], bank: ReferenceBank) -> List[torch.Tensor]:
+    """For every position, the (un-normalised) reference feature most similar in cosine."""
+    matched = []
+    for feature, rows, rows_n in zip(features, bank.levels, bank.normalized()):
+        b, _, h, w = feature.shape
+        idx = nearest_reference_indices(flatten_positions(feature), rows_n)
+        matched.append(unflatten_positions(rows[idx], b, h, w))
+    return matched
+
+
+def residual_features(features: Sequence[torch.Tensor], matched: Sequence[torch.Tensor],
+                      mode: str = "squared") -> List[torch.Tensor]:
+    """Residuals r = (x - x*)^2 (authors' code, default) or r = x - x* (paper)."""
+    if mode == "squared":
+        return [(f - m).square() for f, m in zip(features, matched)]
+    if mode == "difference":
+        return [f - m for f, m in zip(features, matched)]
+    raise ValueError(f"unknown residual mode {mode!r}; choose from {RESIDUAL_MODES}")
+
+
+def match_feature_distribution(source: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Exact feature distribution matching (EFDM), per image and channel.
+
+    The H*W values of each channel of ``source`` are sorted, moved toward the
+    equally ranked values of ``target`` by ``1 - alpha``
+    (``sorted_s + (sorted_t - sorted_s) * (1 - alpha)``) and put back at the
+    positions they came from.  ``alpha = 1`` leaves ``source`` unchanged,
+    ``alpha = 0`` gives it exactly the distribution of ``target``.
+    """
+    b, c, h, w = source.shape
+    src = source.reshape(b, c, h * w)
+    sorted_src, order = src.sort(dim=-1)
+    sorted_tgt, _ = target.reshape(b, c, h * w).sort(dim=-1)
+    moved = sorted_src + (sorted_tgt - sorted_src) * (1.0 - alpha)
+    return torch.empty_like(src).scatter_(-1, order, moved).reshape(b, c, h, w)
