@@ -1,0 +1,24 @@
+"""Datasets for class-generalizable anomaly detection.
+
+Layout modules (:mod:`.mvtec`, :mod:`.visa`, :mod:`.btad`, :mod:`.mvtec3d`,
+:mod:`.mpdd`, :mod:`.mvtecloco`, :mod:`.brats`) list :class:`Sample` records;
+:class:`AnomalyDataset` reads and pre-processes them; :mod:`.registry` knows
+the class lists and the seen -> unseen settings; :mod:`.synthetic` draws the
+offline demo dataset; :mod:`.fewshot` lists reference images.
+"""
+from .base import ANOMALOUS, IMAGENET_MEAN, IMAGENET_STD, NORMAL, AnomalyDataset, Sample
+from .fewshot import list_fewshot_images
+from .files import IMAGE_EXTENSIONS, is_image_file, list_image_files
+from .image_io import open_image, read_image, read_mask
+from .layout import LAYOUTS, detect_layout
+from .registry import (DATASETS, SETTINGS, DatasetInfo, Setting, get_dataset, get_setting,
+                       test_samples, training_samples)
+from .synthetic import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
+
+__all__ = [
+    "ANOMALOUS", "AnomalyDataset", "DATASETS", "DEMO_SEEN", "DEMO_UNSEEN", "DatasetInfo",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUTS", "NORMAL", "SETTINGS",
+    "Sample", "Setting", "detect_layout", "generate_demo_dataset", "get_dataset", "get_setting",
+    "is_image_file", "list_fewshot_images", "list_image_files", "open_image", "read_image",
+    "read_mask", "test_samples", "training_samples",
+]

@@ -1,0 +1,157 @@
+"""Dataset names, class lists and the seen -> unseen settings (SPEC sections 6 and 7).
+
+``DATASETS`` maps a dataset name (``--dataset``) to its classes and loader;
+``SETTINGS`` maps a setting name (``--setting``) to its source (training) and
+target (test) datasets. :func:`training_samples` and :func:`test_samples` are
+what the training and evaluation code call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from utils.errors import UserError
+
+from . import brats, btad, mpdd, mvtec, mvtec3d, mvtecloco, synthetic, visa
+from .base import Sample
+from .layout import LAYOUTS
+
+MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
+                 "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
+                 "zipper")
+VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+                "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+BTAD_CLASSES = ("01", "02", "03")
+MVTEC3D_CLASSES = ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach",
+                   "potato", "rope", "tire")
+MPDD_CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate",
+                "tubes")
+MVTECLOCO_CLASSES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag",
+                     "splicing_connectors")
+BRATS_CLASSES = ("brain",)
+
+TRAIN_DIR_FLAG = "--train_dataset_dir"
+TEST_DIR_FLAG = "--test_dataset_dir"
+
+ListSamples = Callable[..., list[Sample]]
+"""``list_samples(root, class_name, split, hint)`` of a layout module."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset: its name, human title, classes, loader and on-disk layout.
+
+    Attributes:
+        name: the name used on the command line, e.g. ``"mvtec"``.
+        title: the human name used in messages, e.g. ``"MVTec AD"``.
+        classes: its class names, in the order results are reported.
+        list_samples: ``list_samples(root, class_name, split, hint)``.
+        layout: key of :data:`datasets.layout.LAYOUTS`.
+    """
+
+    name: str
+    title: str
+    classes: tuple[str, ...]
+    list_samples: ListSamples
+    layout: str
+
+    @property
+    def layout_description(self) -> str:
+        """Short description of the expected folder layout, for error messages."""
+        return LAYOUTS[self.layout].description
+
+
+def _folder_dataset(name: str, module, classes: tuple[str, ...]) -> DatasetInfo:
+    """The DatasetInfo of a layout module built on :class:`datasets.folder.FolderLayout`."""
+    return DatasetInfo(name, module.LAYOUT.title, classes, module.list_samples, module.LAYOUT.layout)
+
+
+DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
+    _folder_dataset("mvtec", mvtec, MVTEC_CLASSES),
+    DatasetInfo("visa", visa.TITLE, VISA_CLASSES, visa.list_samples, "visa"),
+    _folder_dataset("btad", btad, BTAD_CLASSES),
+    _folder_dataset("mvtec3d", mvtec3d, MVTEC3D_CLASSES),
+    _folder_dataset("mpdd", mpdd, MPDD_CLASSES),
+    _folder_dataset("mvtecloco", mvtecloco, MVTECLOCO_CLASSES),
+    _folder_dataset("brats", brats, BRATS_CLASSES),
+    _folder_dataset("demo", synthetic, synthetic.DEMO_SEEN + synthetic.DEMO_UNSEEN),
+)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A class-generalization experiment: train on ``seen_classes`` of ``source``,
+    test on ``unseen_classes`` of ``target``."""
+
+    name: str
+    source: str
+    target: str
+    seen_classes: tuple[str, ...]
+    unseen_classes: tuple[str, ...]
+
+
+def _cross_dataset(source: str, target: str) -> Setting:
+    """Train on every class of ``source``, test on every class of ``target``."""
+    return Setting(f"{source}_to_{target}", source, target,
+                   DATASETS[source].classes, DATASETS[target].classes)
+
+
+SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
+    _cross_dataset("visa", "mvtec"),
+    _cross_dataset("mvtec", "visa"),
+    _cross_dataset("mvtec", "btad"),
+    _cross_dataset("mvtec", "mvtec3d"),
+    _cross_dataset("mvtec", "mpdd"),
+    _cross_dataset("mvtec", "mvtecloco"),
+    _cross_dataset("mvtec", "brats"),
+    Setting("demo", "demo", "demo", synthetic.DEMO_SEEN, synthetic.DEMO_UNSEEN),
+)}
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    """The dataset called ``name``; UserError listing the valid names otherwise."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def get_setting(name: str) -> Setting:
+    """The setting called ``name``; UserError listing the valid names otherwise."""
+    if name not in SETTINGS:
+        raise UserError(f"unknown setting '{name}' (--setting); choose one of {', '.join(SETTINGS)}")
+    return SETTINGS[name]
+
+
+def _check_classes(info: DatasetInfo, classes: Sequence[str]) -> None:
+    unknown = [name for name in classes if name not in info.classes]
+    if unknown:
+        raise UserError(f"unknown {info.title} class(es) {', '.join(unknown)}; choose from "
+                        f"{', '.join(info.classes)}")
+
+
+def training_samples(dataset_name: str, root: str, classes: Sequence[str], stage: int,
+                     hint: str = TRAIN_DIR_FLAG) -> list[Sample]:
+    """The training samples of the SOURCE classes ``classes`` of a dataset.
+
+    Stage 1: their normal training images. Stage 2: those plus ALL their test
+    images, normal and anomalous with masks (as the authors' code does; the
+    target dataset is never used for training).
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    info = get_dataset(dataset_name)
+    _check_classes(info, classes)
+    splits = ("train",) if stage == 1 else ("train", "test")
+    return [sample for class_name in classes for split in splits
+            for sample in info.list_samples(root, class_name, split, hint)]
+
+
+def test_samples(dataset_name: str, root: str, class_name: str,
+                 hint: str = TEST_DIR_FLAG) -> list[Sample]:
+    """The test samples (normal and anomalous) of one class of a dataset."""
+    info = get_dataset(dataset_name)
+    _check_classes(info, [class_name])
+    return info.list_samples(root, class_name, "test", hint)
+
+
+test_samples.__test__ = False  # not a test, even when imported into a test module

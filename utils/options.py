@@ -1,0 +1,65 @@
+"""Command-line options shared by the training scripts (the authors' flags and defaults)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from models.extractor import DEFAULT_BACKBONE
+from models.flow import FLOW_ARCHS
+from models.residual import RESIDUAL_MODES
+from utils.metrics import METRIC_NAMES
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    data = parser.add_argument_group("data")
+    data.add_argument("--setting", default="visa_to_mvtec", help="seen -> unseen setting, e.g. mvtec_to_visa, or demo")
+    data.add_argument("--train_dataset_dir", default="", help="root of the SOURCE (seen) dataset")
+    data.add_argument("--test_dataset_dir", default="", help="root of the TARGET (unseen) dataset")
+    data.add_argument("--test_ref_feature_dir", default="./ref_features/w50/mvtec_4shot",
+                      help="reference features of the unseen classes (extract_ref_features.py)")
+    data.add_argument("--num_ref_shot", type=int, default=4, help="reference shots per unseen class at test time")
+    data.add_argument("--train_ref_shot", type=int, default=4, help="reference shots per seen class in a batch")
+    data.add_argument("--train_ref_pool", type=int, default=16,
+                      help="normal training images per seen class encoded each epoch to draw references from")
+    data.add_argument("--num_workers", type=int, default=default_workers(), help="data-loading processes")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch_size", type=int, default=32)
+    run.add_argument("--eval_batch_size", type=int, default=32)
+    run.add_argument("--lr", type=float, default=1e-5)
+    run.add_argument("--epochs", type=int, default=100)
+    run.add_argument("--stage1_epochs", type=int, default=10, help="first epochs on normal images only")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--checkpoint_path", default="./checkpoints/", help="folder of checkpoints and results")
+    run.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="continue from a checkpoint (default: <checkpoint_path>/<run>/<run>_latest.pth)")
+    run.add_argument("--best_metric", default="Image AUC", choices=METRIC_NAMES,
+                     help="metric that selects <run>_best.pth (the reported result is always the last epoch)")
+    run.add_argument("--max_bad_steps", type=int, default=50,
+                     help="stop after this many consecutive non-finite losses")
+    run.add_argument("--num_heatmaps", type=int, default=4, help="heat-map images per class after the last epoch")
+    run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default=DEFAULT_BACKBONE, help="any timm CNN (features_only)")
+    model.add_argument("--backbone_weights", default=None, help="local state_dict for the backbone (offline use)")
+    model.add_argument("--flow_arch", default="conditional_flow_model", choices=FLOW_ARCHS)
+    model.add_argument("--feature_levels", type=int, default=3, choices=[3], help="feature levels (fixed: 3)")
+    model.add_argument("--coupling_layers", type=int, default=10)
+    model.add_argument("--clamp_alpha", type=float, default=1.9)
+    model.add_argument("--pos_embed_dim", type=int, default=256)
+    model.add_argument("--pos_beta", type=float, default=0.05, help="normal-boundary quantile of BG-SPP")
+    model.add_argument("--margin_tau", type=float, default=0.1, help="margin between the BG-SPP boundaries")
+    model.add_argument("--bgspp_lambda", type=float, default=1.0)
+    model.add_argument("--fdm_alpha", type=float, default=0.4, help="EFDM strength (1 = no matching)")
+    model.add_argument("--num_embeddings", type=int, default=1536, help="VQ codebook entries per level")
+    model.add_argument("--residual", default="squared", choices=RESIDUAL_MODES,
+                       help="squared (authors' code) or difference (paper) residuals")
+    model.add_argument("--smooth_sigma", type=float, default=4.0, help="Gaussian smoothing of the maps")
+    return parser
