@@ -66,21 +66,18 @@ def _create(name: str, out_indices: Sequence[int], **kwargs) -> nn.Module:
     if _base_name(name) not in timm.list_models():
         raise UserError(f"--backbone {name}: unknown timm model; pick a CNN from timm.list_models(), "
                         f"e.g. {DEFAULT_BACKBONE} or {OFFLINE_BACKBONE}")
+    weights_file = kwargs.get("pretrained_cfg_overlay", {}).get("file")
     try:
         return timm.create_model(name, features_only=True, out_indices=tuple(out_indices), **kwargs)
-    except (FileNotFoundError, OSError, ConnectionError) as err:  # hub, cache or file failures
-        if kwargs.get("pretrained_cfg_overlay"):
-            raise UserError(f"--backbone_weights {kwargs['pretrained_cfg_overlay']['file']}: "
-                            f"cannot load it into {name} ({type(err).__name__}); "
-                            "pass a state_dict saved from this architecture") from None
+    except Exception as err:
+        if weights_file is not None:  # unreadable file, wrong format or wrong architecture
+            raise UserError(f"--backbone_weights {weights_file}: cannot load it into {name} "
+                            f"({type(err).__name__}); pass a state_dict saved from this architecture") from None
+        if not isinstance(err, (OSError, ConnectionError)):  # hub and cache failures are OSErrors
+            raise
         raise UserError(f"--backbone {name}: cannot download its pretrained weights (no network and no "
                         f"cached copy); pass a local checkpoint with --backbone_weights FILE, or use the "
                         f"offline backbone --backbone {OFFLINE_BACKBONE}") from None
-    except RuntimeError as err:
-        if "features_only" in str(err) or "feature" in str(err).lower():
-            raise UserError(f"--backbone {name}: timm cannot build it with features_only=True; "
-                            "choose a CNN backbone") from None
-        raise
 
 
 def _efficientnet_lite0_state_dict(model: nn.Module) -> dict:

@@ -86,7 +86,8 @@ class PositionConditionedSubnet(nn.Module):
         table_y = _axis_table(n_rows, half, x.device) @ weight[:, d + half:].t()
         # One (rows*cols, hidden) table of the position term (bias included), one gather.
         table = (table_y[:, None, :] + (table_x + self.fc1.bias)[None, :, :]).reshape(n_rows * n_cols, -1)
-        hidden = torch.addmm(table[rows * n_cols + cols], x, weight[:, :d].t())
+        # index_select: its backward (index_add) is ~2x faster on a CPU than that of table[idx]
+        hidden = torch.index_select(table, 0, rows * n_cols + cols).addmm_(x, weight[:, :d].t())
         return self.fc2(hidden.relu_())
 
 

@@ -13,10 +13,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from models.residual import flatten_positions, unflatten_positions
-
-# Rows of the (rows x codebook) distance block computed at once.
-_MAX_BLOCK_ELEMENTS = 2 ** 26
+from models.residual import block_rows, flatten_positions, unflatten_positions
 
 
 class VectorQuantizer(nn.Module):
@@ -34,7 +31,7 @@ class VectorQuantizer(nn.Module):
         book = self.codebook.weight
         # argmin ||r - e||^2 = argmin (||e||^2 - 2 r.e): one matmul per block.
         book_sq = book.square().sum(dim=1)
-        block = max(1, _MAX_BLOCK_ELEMENTS // book.shape[0])
+        block = block_rows(rows.device, book.shape[0])
         return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0).argmin(dim=1)
                           for chunk in rows.split(block)])
 

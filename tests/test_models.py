@@ -41,7 +41,7 @@ def test_nearest_reference_chunking_gives_same_answer(monkeypatch):
     import models.residual as residual
     queries, bank = torch.randn(257, 8), F.normalize(torch.randn(100, 8), dim=1)
     whole = nearest_reference_indices(queries, bank)
-    monkeypatch.setattr(residual, "_MAX_BLOCK_ELEMENTS", 700)  # blocks of 7 rows
+    monkeypatch.setattr(residual, "_MAX_BLOCK_ELEMENTS", {"cpu": 700, "cuda": 700})  # blocks of 7 rows
     assert torch.equal(nearest_reference_indices(queries, bank), whole)
 
 

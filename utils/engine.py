@@ -369,8 +369,9 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEval
         for class_name, ev in per_class.items():
             for item in ev.heatmaps:
                 stem = os.path.splitext(os.path.basename(item["path"]))[0]
-                plots.save_heatmap(os.path.join(out.folder, "heatmaps", f"{class_name}_{stem}.png"), **item,
-                                   title=f"{class_name} / {os.path.basename(os.path.dirname(item['path']))} / {stem}")
+                kind = os.path.basename(os.path.dirname(item["path"]))
+                plots.save_heatmap(os.path.join(out.folder, "heatmaps", f"{class_name}_{kind}_{stem}.png"), **item,
+                                   title=f"{class_name} / {kind} / {stem}")
     return table
 
 

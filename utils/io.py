@@ -160,7 +160,7 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
         if num_shots > shots:
             raise UserError(f"--num_ref_shot {num_shots}: {class_dir} holds only {shots} shots; "
                             f"lower --num_ref_shot or extract features from more reference images")
-        levels.append(torch.from_numpy(np.ascontiguousarray(rows[: num_shots * h * w])))
+        levels.append(torch.from_numpy(np.array(rows[: num_shots * h * w], dtype=np.float32)))
     return ReferenceBank(levels, num_shots)
 
 

@@ -1,0 +1,102 @@
+"""Training steps and the whole run (extract -> train -> evaluate -> files) on generated data."""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datasets import DEMO_UNSEEN, generate_demo_dataset
+from models.extractor import OFFLINE_BACKBONE, build_extractor
+from models.resad import ResAD
+from utils.engine import CSV_COLUMNS, FLOW_MINIBATCH, Trainer, extract_reference_features, fit
+from utils.options import add_training_arguments
+
+
+def make_args(**overrides) -> argparse.Namespace:
+    args = add_training_arguments(argparse.ArgumentParser()).parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.mark.parametrize("stage2", [False, True])
+def test_every_level_flow_is_trained_in_a_step(stage2):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    channels, sizes, batch = [6, 6, 6], [56, 28, 14], 32
+    model = ResAD(channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=16)
+    trainer = Trainer(model, make_args(lr=1e-3))
+    features = [torch.rand(batch, c, s, s) for c, s in zip(channels, sizes)]
+    residuals = [f.square() for f in features]
+    masks = torch.zeros(batch, 1, 224, 224)
+    if stage2:
+        masks[:4, :, 50:120, 60:150] = 1
+    before = [[p.detach().clone() for p in flow.parameters()] for flow in model.flows]
+    steps = []
+    original = trainer.optimizers["flow"].step
+    trainer.optimizers["flow"].step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    trainer.train_step(features, residuals, masks, stage2=stage2, generator=torch.Generator().manual_seed(0))
+    for level, flow in enumerate(model.flows):
+        changed = [not torch.equal(b, p) for b, p in zip(before[level], flow.parameters()) if p.requires_grad]
+        assert all(changed), f"level {level}: some flow parameters were not updated"
+    # level 3 has 32 * 14 * 14 = 6272 < 8192 positions: the authors' loop would skip it entirely
+    assert len(steps) == sum(math.ceil(batch * s * s / FLOW_MINIBATCH) for s in sizes)
+    assert trainer.boundaries.get(2) != 0.0
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return generate_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), n_train=6, n_test_good=2,
+                                 n_test_anomalous=3)
+
+
+@pytest.fixture(scope="module")
+def demo_refs(demo_root, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("refs") / "demo_2shot")
+    extract_reference_features("demo", demo_root, folder, build_extractor(OFFLINE_BACKBONE), shots=2,
+                               classes=DEMO_UNSEEN)
+    return folder
+
+
+def demo_args(demo_root, demo_refs, out, **overrides):
+    settings = dict(setting="demo", train_dataset_dir=demo_root, test_dataset_dir=demo_root,
+                    test_ref_feature_dir=demo_refs, num_ref_shot=2, train_ref_shot=2, train_ref_pool=3,
+                    backbone=OFFLINE_BACKBONE, epochs=2, stage1_epochs=1, batch_size=8, eval_batch_size=8,
+                    lr=1e-4, eval_freq=1, num_workers=0, checkpoint_path=str(out), coupling_layers=2,
+                    num_embeddings=64, num_heatmaps=2, device="cpu")
+    settings.update(overrides)
+    return make_args(**settings)
+
+
+def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_path, capsys):
+    tables = fit(demo_args(demo_root, demo_refs, tmp_path), shots=[2], run_names={2: "demo"})
+    run = tmp_path / "demo"
+    for epoch in (1, 2):
+        frame = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv")
+        assert tuple(frame.columns) == CSV_COLUMNS
+        assert frame["Class Name"].tolist() == list(DEMO_UNSEEN) + ["Mean"]
+        values = frame.drop(columns="Class Name").to_numpy()
+        assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
+        assert np.allclose(values[-1], values[:-1].mean(axis=0), atol=1e-4)
+        payload = json.loads((run / f"demo_epoch{epoch}_metrics.json").read_text())
+        assert payload["epoch"] == epoch and set(payload["classes"]) == set(DEMO_UNSEEN) | {"Mean"}
+        assert (run / f"demo_epoch{epoch}_pixel_auroc.png").stat().st_size > 0
+    assert tables[2].iloc[-1]["Image AUC"] == pytest.approx(frame.iloc[-1]["Image AUC"], abs=1e-4)
+    heatmaps = sorted(os.listdir(run / "heatmaps"))
+    assert len(heatmaps) == 2 * len(DEMO_UNSEEN) and all(h.endswith(".png") for h in heatmaps)
+
+    latest = torch.load(run / "demo_latest.pth", weights_only=False)
+    assert latest["epoch"] == 2 and latest["backbone"] == OFFLINE_BACKBONE and latest["args"]["setting"] == "demo"
+    assert set(latest["trainer"]["optimizers"]) == {"vq", "constraintor", "flow"}
+    assert set(latest["trainer"]["schedulers"]) == {"vq", "constraintor", "flow"}
+    assert len(latest["trainer"]["boundaries"]["values"]) == 3 and "rng" in latest and "generator" in latest
+    model = ResAD([24, 40, 112], num_embeddings=64, coupling_layers=2)
+    model.load_state_dict(latest["model"])  # a complete, loadable model
+    best = torch.load(run / "demo_best.pth", weights_only=False)
+    assert best["best"][2]["metric"] == "Image AUC" and best["best"][2]["epoch"] in (1, 2)
+    out = capsys.readouterr().out
+    assert "demo epoch 2: image AUROC" in out and "AUPRO" in out
