@@ -33,9 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.demo:
-        prepare_demo(args)
-    fit(args, shots=[args.num_ref_shot], run_names={args.num_ref_shot: args.setting})
+    extractor = prepare_demo(args) if args.demo else None
+    fit(args, shots=[args.num_ref_shot], run_names={args.num_ref_shot: args.setting}, extractor=extractor)
 
 
 if __name__ == "__main__":

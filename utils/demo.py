@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from models.extractor import OFFLINE_BACKBONE, build_extractor
+from models.extractor import OFFLINE_BACKBONE, FeatureExtractor, build_extractor
 
 DEMO_ROOT = "./data/demo"
 DEMO_REF_DIR = f"./ref_features/{OFFLINE_BACKBONE}/demo_4shot"
@@ -13,13 +13,14 @@ DEMO_REF_DIR = f"./ref_features/{OFFLINE_BACKBONE}/demo_4shot"
 DEMO_DEFAULTS = dict(
     setting="demo", train_dataset_dir=DEMO_ROOT, test_dataset_dir=DEMO_ROOT, test_ref_feature_dir=DEMO_REF_DIR,
     backbone=OFFLINE_BACKBONE, num_ref_shot=4, train_ref_shot=4, train_ref_pool=8,
-    epochs=4, stage1_epochs=2, batch_size=16, eval_batch_size=16, lr=1e-4, eval_freq=2, num_workers=0,
+    epochs=3, stage1_epochs=1, batch_size=16, eval_batch_size=16, lr=1e-4, eval_freq=3, num_workers=0,
     checkpoint_path="./checkpoints", num_heatmaps=3,
 )
 
 
-def prepare_demo(args: argparse.Namespace) -> None:
-    """Generate the synthetic dataset (reused when present) and its reference features."""
+def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
+    """Generate the synthetic dataset (reused when present) and its reference features;
+    returns the extractor, for the run to reuse."""
     from datasets import DEMO_UNSEEN, generate_demo_dataset
     from utils.engine import extract_reference_features, resolve_device
 
@@ -28,3 +29,4 @@ def prepare_demo(args: argparse.Namespace) -> None:
     extractor = build_extractor(args.backbone, args.backbone_weights, device=resolve_device(args.device))
     extract_reference_features("demo", root, args.test_ref_feature_dir, extractor, shots=args.num_ref_shot,
                                classes=DEMO_UNSEEN)
+    return extractor

@@ -67,6 +67,9 @@ def build_model(args: argparse.Namespace, channels: Sequence[int]) -> ResAD:
 def make_loader(samples: Sequence[Sample], extractor: FeatureExtractor, batch_size: int, num_workers: int,
                 shuffle: bool = False, drop_last: bool = False, generator: Optional[torch.Generator] = None) -> DataLoader:
     dataset = AnomalyDataset(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std)
+    # A loader draws its workers' base seed from its generator; giving every loader one keeps
+    # the global random state untouched by evaluation, so a resumed run repeats an uninterrupted one.
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, generator=generator, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
@@ -128,21 +131,28 @@ class StepGuard:
     skipped: int = 0
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> Optional[float]:
+        """Back-propagate and step, unless the loss or a gradient is not finite; returns the loss or None."""
         value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(value):
-            self.consecutive += 1
-            self.skipped += 1
-            if self.consecutive == 1 or self.skipped % 100 == 0:
-                warnings.warn(f"non-finite loss ({value}); step skipped ({self.skipped} so far)")
-            if self.consecutive >= self.max_consecutive:
-                raise UserError(f"training diverged: {self.consecutive} consecutive non-finite losses; lower --lr "
-                                f"or raise --max_bad_steps (now {self.max_consecutive})")
-            return None
-        loss.backward()
-        optimizer.step()
-        self.consecutive = 0
-        return value
+        if math.isfinite(value) and loss.requires_grad:
+            loss.backward()
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if not params or math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, float("inf")))):
+                optimizer.step()
+                self.consecutive = 0
+                return value
+            optimizer.zero_grad(set_to_none=True)
+        elif math.isfinite(value):  # nothing to learn from (e.g. no normal position for the VQ)
+            return value
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive == 1 or self.skipped % 100 == 0:
+            warnings.warn(f"non-finite loss or gradient (loss {value}); optimizer step skipped "
+                          f"({self.skipped} so far)", RuntimeWarning, stacklevel=2)
+        if self.consecutive >= self.max_consecutive:
+            raise UserError(f"training diverged: {self.consecutive} consecutive non-finite losses or gradients; "
+                            f"lower --lr, or raise --max_bad_steps (now {self.max_consecutive})")
+        return None
 
 
 @dataclass
@@ -375,15 +385,17 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEval
     return table
 
 
-def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str]) -> Dict[int, pd.DataFrame]:
+def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str],
+        extractor: Optional[FeatureExtractor] = None) -> Dict[int, pd.DataFrame]:
     """Train on the seen classes of ``args.setting`` and evaluate the unseen ones for each number of shots.
 
+    ``extractor`` may be passed when the caller already built it from ``args``.
     Returns the last evaluation's table per number of shots.
     """
     device = resolve_device(args.device)
     seed_everything(args.seed)
     setting = get_setting(args.setting)
-    outputs = {k: RunOutputs(io.ensure_dir(os.path.join(args.checkpoint_path, run_names[k])), run_names[k])
+    outputs = {k: RunOutputs(io.check_writable(os.path.join(args.checkpoint_path, run_names[k])), run_names[k])
                for k in shots}
 
     # Check every input before spending time on training.
@@ -405,7 +417,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")
 
-    extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+    if extractor is None:
+        extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
@@ -430,6 +443,37 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
           f"{len(stage_samples[2])} stage-2 training images), {len(setting.unseen_classes)} unseen classes, "
           f"backbone {extractor.name} {extractor.channels}, device {device}")
 
+    def evaluation_due(done: int) -> bool:
+        return done % args.eval_freq == 0 or done == args.epochs
+
+    def save_latest(done: int) -> None:
+        state = _checkpoint_state(args, extractor, model, trainer, generator, done, best)
+        for k in shots:
+            io.save_checkpoint(outputs[k].path("_latest.pth"), state)
+
+    def run_evaluation(done: int) -> None:
+        final = done == args.epochs
+        results = evaluate(model, extractor, test_sets, banks, shots, args, device,
+                           num_heatmaps=args.num_heatmaps if final else 0)
+        improved = []
+        for k in shots:
+            last_tables[k] = write_evaluation(outputs[k], done, results[k], heatmaps=final)
+            print(summary_line(f"{outputs[k].name} epoch {done}", last_tables[k]))
+            value = float(last_tables[k].iloc[-1][args.best_metric])
+            if math.isfinite(value) and value > best.get(k, {}).get("value", -math.inf):
+                best[k] = {"metric": args.best_metric, "value": value, "epoch": done}
+                improved.append(k)
+        if improved:
+            state = _checkpoint_state(args, extractor, model, trainer, generator, done, best)
+            for k in improved:
+                io.save_checkpoint(outputs[k].path("_best.pth"), state)
+            save_latest(done)  # keep the best record of the latest checkpoint current
+
+    # A run interrupted between its checkpoint and its evaluation evaluates first.
+    if start_epoch and evaluation_due(start_epoch) and not all(
+            os.path.isfile(outputs[k].path(f"_epoch{start_epoch}_metrics.csv")) for k in shots):
+        run_evaluation(start_epoch)
+
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         pool.refresh(generator)
@@ -441,38 +485,23 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         done = epoch + 1
         print(f"epoch {done}/{args.epochs} (stage {2 if stage2 else 1}): "
               + " | ".join(f"{k} loss {v:.4f}" for k, v in losses.items())
-              + f" [{time.time() - started:.0f} s]")
-        if done % args.eval_freq == 0 or done == args.epochs:
-            final = done == args.epochs
-            results = evaluate(model, extractor, test_sets, banks, shots, args, device,
-                               num_heatmaps=args.num_heatmaps if final else 0)
-            for k in shots:
-                table = write_evaluation(outputs[k], done, results[k], heatmaps=final)
-                last_tables[k] = table
-                print(summary_line(f"{outputs[k].name} epoch {done}", table))
-                value = float(table.iloc[-1][args.best_metric])
-                if math.isfinite(value) and value > best.get(k, {}).get("value", -math.inf):
-                    best[k] = {"metric": args.best_metric, "value": value, "epoch": done}
-                    best_improved = True
-                else:
-                    best_improved = False
-                state = _checkpoint_state(args, extractor, model, trainer, generator, done, best, table)
-                if best_improved:
-                    io.save_checkpoint(outputs[k].path("_best.pth"), state)
-        state = _checkpoint_state(args, extractor, model, trainer, generator, done, best, None)
-        for k in shots:
-            io.save_checkpoint(outputs[k].path("_latest.pth"), state)
+              + f" [{time.time() - started:.0f} s]"
+              + (f", {trainer.guard.skipped} non-finite steps skipped so far" if trainer.guard.skipped else ""))
+        save_latest(done)
+        if evaluation_due(done):
+            run_evaluation(done)
     for k in shots:
-        print(f"results of {outputs[k].name}: {outputs[k].folder} (last epoch's metrics: "
-              f"{os.path.basename(outputs[k].path(f'_epoch{args.epochs}_metrics.csv'))})")
+        print(f"results of {outputs[k].name} in {outputs[k].folder}: "
+              f"{outputs[k].name}_epoch{args.epochs}_metrics.csv/.json (the last epoch: the reported result), "
+              f"{outputs[k].name}_latest.pth, {outputs[k].name}_best.pth (by {args.best_metric}), heatmaps/")
     return last_tables
 
 
-def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best, table) -> dict:
+def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best) -> dict:
     return {"format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "backbone": extractor.name,
             "channels": extractor.channels, "epoch": epoch, "model": model.state_dict(),
             "trainer": trainer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-            "best": best, "metrics": None if table is None else table.to_dict(orient="records")}
+            "best": dict(best)}
 
 
 # --------------------------------------------------------------------------- reference features

@@ -24,14 +24,25 @@ from utils.errors import UserError
 REFERENCE_META = "meta.json"
 
 
+def check_writable(path: str, flag: str = "--checkpoint_path") -> str:
+    """Check that the folder ``path`` exists and is writable, or can be created; creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder; choose another location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable; choose a writable location")
+    return path
+
+
 def ensure_dir(path: str, flag: str = "--checkpoint_path") -> str:
-    """Create ``path`` (and parents) and check it is writable."""
+    """Create the folder ``path`` (and parents) after checking it can be written."""
+    check_writable(path, flag)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot create the folder ({err.strerror}); choose a writable location") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: the folder is not writable; choose a writable location")
     return path
 
 
