@@ -1,0 +1,237 @@
+"""Bad input, faults and resume, through the scripts as a user runs them.
+
+Every bad input must end in ONE line "error: ..." naming the path or flag,
+exit status 2, no traceback and no file written.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
+from models.extractor import OFFLINE_BACKBONE, build_extractor
+from utils.engine import extract_reference_features
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    root = generate_demo_dataset(str(base / "demo"), n_train=6, n_test_good=2, n_test_anomalous=3)
+    refs = str(base / "refs")
+    extract_reference_features("demo", root, refs, build_extractor(OFFLINE_BACKBONE), shots=2, classes=DEMO_UNSEEN)
+    return {"root": root, "refs": refs, "base": base}
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def main_args(demo, out, **overrides):
+    options = {"--setting": "demo", "--train_dataset_dir": demo["root"], "--test_dataset_dir": demo["root"],
+               "--test_ref_feature_dir": demo["refs"], "--backbone": OFFLINE_BACKBONE, "--num_ref_shot": 2,
+               "--train_ref_shot": 2, "--train_ref_pool": 3, "--epochs": 1, "--stage1_epochs": 1,
+               "--batch_size": 4, "--eval_batch_size": 8, "--coupling_layers": 2, "--num_embeddings": 64,
+               "--num_workers": 0, "--device": "cpu", "--checkpoint_path": out, "--num_heatmaps": 0}
+    options.update(overrides)
+    return [item for key, value in options.items() if value is not None for item in (key, value)]
+
+
+def assert_user_error(proc, *fragments, out=None):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    if out is not None:  # nothing written, not even an empty run folder
+        assert not os.path.exists(out) or not any(files for _, _, files in os.walk(out))
+
+
+def copy_root(demo, name):
+    target = demo["base"] / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(demo["root"], target)
+    return target
+
+
+# --------------------------------------------------------------------------- datasets
+
+def test_missing_root(demo, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--train_dataset_dir": tmp_path / "nowhere"})),
+                      str(tmp_path / "nowhere"), "--train_dataset_dir", out=out)
+
+
+def test_empty_root(demo, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--test_dataset_dir": tmp_path / "empty"})),
+                      "is empty", "--test_dataset_dir", out=out)
+
+
+def test_root_with_another_layout(demo, tmp_path):
+    for name in DEMO_SEEN:
+        (tmp_path / "btad" / name / "train" / "ok").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--train_dataset_dir": tmp_path / "btad"})),
+                      "BTAD layout", "synthetic demo was expected", out=out)
+
+
+def test_unknown_setting_dataset_and_class(demo, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--setting": "mvtec_to_nowhere"})),
+                      "mvtec_to_nowhere", "--setting", "visa_to_mvtec", out=out)
+    assert_user_error(run("extract_ref_features.py", "--dataset", "imagenet", "--few_shot_dir", demo["root"],
+                          "--save_dir", out, "--backbone", OFFLINE_BACKBONE), "unknown dataset 'imagenet'", out=out)
+    assert_user_error(run("extract_ref_features.py", "--dataset", "demo", "--classes", "zebra", "--few_shot_dir",
+                          demo["root"], "--save_dir", out, "--backbone", OFFLINE_BACKBONE), "zebra", out=out)
+
+
+def test_class_folder_missing(demo, tmp_path):
+    root = copy_root(demo, "no_weave")
+    shutil.rmtree(root / "weave")
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--test_dataset_dir": root})),
+                      "'weave' not found", "--test_dataset_dir", out=out)
+
+
+def test_anomalous_image_without_mask(demo, tmp_path):
+    root = copy_root(demo, "no_mask")
+    mask_dir = root / "pill" / "ground_truth"
+    victim = sorted(mask_dir.rglob("*_mask.png"))[0]
+    victim.unlink()
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--train_dataset_dir": root})),
+                      "no ground-truth mask", victim.name.replace("_mask", ""), out=out)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_broken_image_file(demo, tmp_path, damage, workers):
+    root = copy_root(demo, f"broken_{damage}_{workers}")
+    victim = sorted((root / "stripes" / "train" / "good").glob("*.png"))[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"this is not a png\n" * 20)
+    out = tmp_path / "out"
+    proc = run("main.py", *main_args(demo, out, **{"--train_dataset_dir": root, "--num_workers": workers}))
+    assert_user_error(proc, str(victim), "truncated or not an image", out=out)
+
+
+# --------------------------------------------------------------------------- reference features
+
+def test_reference_features_of_another_backbone(demo, tmp_path):
+    refs = tmp_path / "refs"
+    shutil.copytree(demo["refs"], refs)
+    for name in DEMO_UNSEEN:  # as the authors' files: no meta.json, wide_resnet50_2 channels
+        (refs / name / "meta.json").unlink()
+        for level, c in enumerate([256, 512, 1024], start=1):
+            rows = np.load(refs / name / f"layer{level}.npy").shape[0]
+            np.save(refs / name / f"layer{level}.npy", np.zeros((rows, c), np.float32))
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--test_ref_feature_dir": refs})),
+                      "another backbone", "--backbone tf_efficientnet_lite0", out=out)
+
+
+def test_reference_features_with_fewer_shots_or_missing_layer(demo, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--num_ref_shot": 3})),
+                      "--num_ref_shot 3", "only 2 shots", out=out)
+    refs = tmp_path / "refs"
+    shutil.copytree(demo["refs"], refs)
+    (refs / "dots" / "layer2.npy").unlink()
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--test_ref_feature_dir": refs})),
+                      "layer2.npy", out=out)
+
+
+# --------------------------------------------------------------------------- flags and outputs
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--num_ref_shot", 0, "--num_ref_shot 0"),
+    ("--train_ref_shot", 0, "--train_ref_shot 0"),
+    ("--train_ref_shot", 99, "--train_ref_shot 99"),
+    ("--batch_size", 1000, "--batch_size 1000"),
+    ("--device", "cuda:3", "--device cuda:3"),
+])
+def test_bad_flag_values(demo, tmp_path, flag, value, fragment):
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{flag: value})), fragment, out=out)
+
+
+def test_output_folder_not_writable(demo, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_user_error(run("main.py", *main_args(demo, blocker / "runs")), "--checkpoint_path", "is a file")
+    assert_user_error(run("extract_ref_features.py", "--dataset", "demo", "--few_shot_dir", demo["root"],
+                          "--save_dir", blocker / "refs", "--backbone", OFFLINE_BACKBONE, "--shots", 1),
+                      "--save_dir", "is a file")
+
+
+# --------------------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def finished_run(demo):
+    out = demo["base"] / "finished"
+    proc = run("main.py", *main_args(demo, out, **{"--epochs": 1}))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_resume_rejects_foreign_or_broken_checkpoints(demo, finished_run, tmp_path):
+    out = tmp_path / "out"
+    ckpt = torch.load(finished_run / "demo" / "demo_latest.pth", weights_only=False)
+    for change, fragment in [({"args": dict(ckpt["args"], setting="mvtec_to_visa")}, "--setting mvtec_to_visa"),
+                             ({"backbone": "wide_resnet50_2", "channels": [256, 512, 1024]},
+                              "--backbone wide_resnet50_2")]:
+        path = tmp_path / "foreign.pth"
+        torch.save(dict(ckpt, **change), path)
+        assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": path})), str(path), fragment, out=out)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage")
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": junk})), "cannot read", out=out)
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": tmp_path / "none.pth"})),
+                      "checkpoint not found", out=out)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
+    settings = {"--epochs": 3, "--eval_freq": 1}
+    straight = tmp_path / "straight"
+    assert run("main.py", *main_args(demo, straight, **settings)).returncode == 0
+
+    killed = tmp_path / "killed"
+    latest = killed / "demo" / "demo_latest.pth"
+    proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, killed, **settings))], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during epoch 2 at the latest: no chance to clean up
+    proc.wait()
+    assert torch.load(latest, weights_only=False)["epoch"] < 3
+    assert not list((killed / "demo").glob(".*.tmp")) or True  # a temp file may remain; results never half-written
+    for path in (killed / "demo").glob("*.csv"):
+        pd.read_csv(path)  # every CSV present is complete
+    resumed = run("main.py", *main_args(demo, killed, **settings, **{"--resume": None}), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+
+    final = "demo/demo_epoch3_metrics.csv"
+    assert (straight / final).read_text() == (killed / final).read_text()
+    a = torch.load(straight / "demo" / "demo_latest.pth", weights_only=False)
+    b = torch.load(killed / "demo" / "demo_latest.pth", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["trainer"]["boundaries"] == b["trainer"]["boundaries"]
+    assert json.loads((killed / "demo" / "demo_epoch3_metrics.json").read_text())["epoch"] == 3
