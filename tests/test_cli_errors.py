@@ -220,12 +220,14 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
     proc.send_signal(signal.SIGKILL)  # during epoch 2 at the latest: no chance to clean up
     proc.wait()
     assert torch.load(latest, weights_only=False)["epoch"] < 3
-    assert not list((killed / "demo").glob(".*.tmp")) or True  # a temp file may remain; results never half-written
-    for path in (killed / "demo").glob("*.csv"):
-        pd.read_csv(path)  # every CSV present is complete
+    for path in (killed / "demo").glob("*.csv"):  # every result present is complete
+        assert len(pd.read_csv(path)) == len(DEMO_UNSEEN) + 1
+    for path in (killed / "demo").glob("*.json"):
+        json.loads(path.read_text())
     resumed = run("main.py", *main_args(demo, killed, **settings, **{"--resume": None}), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
+    assert not list((killed / "demo").glob(".*.tmp"))  # temporaries of the killed run are swept
 
     final = "demo/demo_epoch3_metrics.csv"
     assert (straight / final).read_text() == (killed / final).read_text()

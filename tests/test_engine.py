@@ -100,3 +100,55 @@ def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_pa
     assert best["best"][2]["metric"] == "Image AUC" and best["best"][2]["epoch"] in (1, 2)
     out = capsys.readouterr().out
     assert "demo epoch 2: image AUROC" in out and "AUPRO" in out
+
+
+def _inject_nan(monkeypatch, should_poison):
+    original = ResAD.flow_log_likelihoods
+    calls = {"n": 0}
+
+    def poisoned(self, level, rows, coords):
+        logp, logp_a = original(self, level, rows, coords)
+        if self.training:  # one call per flow mini-batch, i.e. per flow optimizer step
+            calls["n"] += 1
+            if should_poison(calls["n"]):
+                logp = logp * float("nan")
+        return logp, logp_a
+
+    monkeypatch.setattr(ResAD, "flow_log_likelihoods", poisoned)
+    return calls
+
+
+def test_nan_steps_are_skipped_and_counted(demo_root, demo_refs, tmp_path, monkeypatch):
+    calls = _inject_nan(monkeypatch, lambda n: n % 3 == 0)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        fit(demo_args(demo_root, demo_refs, tmp_path, epochs=1, num_heatmaps=0), shots=[2], run_names={2: "demo"})
+    assert calls["n"] > 3
+    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=False)
+    poisoned_flow_steps = calls["n"] // 3
+    assert latest["trainer"]["skipped_steps"] == poisoned_flow_steps
+    assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
+
+
+def test_persistent_nan_stops_with_a_message_and_keeps_the_last_checkpoint(demo_root, demo_refs, tmp_path,
+                                                                            monkeypatch):
+    from utils.errors import UserError
+
+    state = {"poison": False}
+    _inject_nan(monkeypatch, lambda n: state["poison"])
+    import utils.engine as engine
+    original_eval = engine.evaluate
+
+    def evaluate_then_poison(*a, **k):
+        out = original_eval(*a, **k)
+        state["poison"] = True  # every step after the first evaluation is NaN
+        return out
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_poison)
+    with pytest.raises(UserError, match="training diverged: 5 consecutive"):
+        with pytest.warns(RuntimeWarning):
+            fit(demo_args(demo_root, demo_refs, tmp_path, epochs=3, max_bad_steps=5, num_heatmaps=0),
+                shots=[2], run_names={2: "demo"})
+    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=False)
+    assert latest["epoch"] == 1
+    assert (tmp_path / "demo" / "demo_epoch1_metrics.csv").exists()
+    assert not (tmp_path / "demo" / "demo_epoch2_metrics.csv").exists()

@@ -434,6 +434,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         generator.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt.get("best", {})
+        for out in outputs.values():
+            io.remove_stale_temporaries(out.folder)
         print(f"resumed from {path} after epoch {start_epoch}")
 
     pool = TrainReferencePool(extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)

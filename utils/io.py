@@ -61,6 +61,16 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(folder: str) -> int:
+    """Delete the temporary files that a killed run left in ``folder``; returns how many."""
+    if not os.path.isdir(folder):
+        return 0
+    stale = [f for f in os.listdir(folder) if f.startswith(".") and f.endswith(".tmp")]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return len(stale)
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
