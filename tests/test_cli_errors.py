@@ -237,3 +237,19 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     assert a["trainer"]["boundaries"] == b["trainer"]["boundaries"]
     assert json.loads((killed / "demo" / "demo_epoch3_metrics.json").read_text())["epoch"] == 3
+
+
+def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
+    out = tmp_path / "out"
+    latest = out / "demo" / "demo_latest.pth"
+    proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, out, **{"--epochs": 5}))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr and "--resume" in stderr
+    assert torch.load(latest, weights_only=False)["epoch"] >= 1
