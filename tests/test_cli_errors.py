@@ -163,6 +163,7 @@ def test_reference_features_with_fewer_shots_or_missing_layer(demo, tmp_path):
     ("--train_ref_shot", 0, "--train_ref_shot 0"),
     ("--train_ref_shot", 99, "--train_ref_shot 99"),
     ("--batch_size", 1000, "--batch_size 1000"),
+    ("--eval_batch_size", 0, "--eval_batch_size 0"),
     ("--device", "cuda:3", "--device cuda:3"),
 ])
 def test_bad_flag_values(demo, tmp_path, flag, value, fragment):

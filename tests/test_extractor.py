@@ -136,3 +136,11 @@ def test_reference_bank_checks(tmp_path, extractor):
         load_reference_bank(str(tmp_path / "missing"), "a", desc, 1)
     with pytest.raises(UserError, match="folder not found"):
         load_reference_bank(str(tmp_path / "nowhere"), "a", desc, 1)
+
+
+def test_extraction_flag_checks(tmp_path, extractor):
+    with pytest.raises(UserError, match="--shots 0"):
+        extract_reference_features("demo", str(tmp_path), str(tmp_path / "out"), extractor, shots=0)
+    with pytest.raises(UserError, match="few-shot folder .*weave.* not found"):
+        extract_reference_features("demo", str(tmp_path), str(tmp_path / "out"), extractor, classes=["weave"])
+    assert not (tmp_path / "out").exists()

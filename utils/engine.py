@@ -80,6 +80,13 @@ def level_masks(masks: torch.Tensor, features: Sequence[torch.Tensor]) -> List[t
     return [F.interpolate(masks, size=f.shape[-2:], mode="nearest").squeeze(1) for f in features]
 
 
+def check_at_least(args: argparse.Namespace, minimum: int, *flags: str) -> None:
+    """UserError naming the first of ``flags`` whose value is below ``minimum``."""
+    for flag in flags:
+        if getattr(args, flag) < minimum:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least {minimum}")
+
+
 # --------------------------------------------------------------------------- training references
 
 class TrainReferencePool:
@@ -257,7 +264,7 @@ def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataL
 @dataclass
 class ClassEvaluation:
     metrics: Dict[str, float]
-    heatmaps: List[dict]   # a few samples: image (3,S,S) de-normalised, mask, map, label, path
+    heatmaps: List[dict]   # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range
 
 
 @torch.no_grad()
@@ -402,9 +409,11 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     test_sets = {c: test_samples(setting.target, args.test_dataset_dir, c) for c in setting.unseen_classes}
     stage_samples = {stage: training_samples(setting.source, args.train_dataset_dir, setting.seen_classes, stage=stage)
                      for stage in (1, 2)}
-    for flag in ("train_ref_shot", "batch_size", "epochs", "eval_freq", "train_ref_pool"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    check_at_least(args, 1, "train_ref_shot", "batch_size", "eval_batch_size", "epochs", "eval_freq",
+                   "train_ref_pool", "coupling_layers", "num_embeddings", "max_bad_steps")
+    check_at_least(args, 0, "num_workers", "stage1_epochs", "num_heatmaps")
+    if args.pos_embed_dim < 4 or args.pos_embed_dim % 4:
+        raise UserError(f"--pos_embed_dim {args.pos_embed_dim}: must be a positive multiple of 4")
     if min(shots) < 1:
         raise UserError(f"--num_ref_shot {min(shots)}: must be at least 1")
     normals = _normals_by_class(stage_samples[1])
@@ -479,6 +488,9 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         pool.refresh(generator)
+        if epoch == start_epoch:
+            print(f"training reference pool: up to {args.train_ref_pool} images per seen class, "
+                  f"{pool.memory_bytes() / 2 ** 20:.0f} MiB on {device}")
         stage2 = epoch >= args.stage1_epochs
         losses = train_one_epoch(trainer, extractor, loaders[2 if stage2 else 1], pool, stage2, generator, device,
                                  desc=f"epoch {epoch + 1}/{args.epochs}")
@@ -519,6 +531,10 @@ def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, e
     """
     from datasets import get_dataset, list_fewshot_images
 
+    if shots is not None and shots < 1:
+        raise UserError(f"--shots {shots}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch_size {batch_size}: must be at least 1")
     info = get_dataset(dataset)
     names = list(classes) if classes else list(info.classes)
     unknown = [c for c in names if c not in info.classes]
