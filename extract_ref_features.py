@@ -13,6 +13,7 @@ import argparse
 from models.extractor import DEFAULT_BACKBONE, build_extractor
 from utils.engine import extract_reference_features, resolve_device
 from utils.errors import run_cli
+from utils.runtime import tune_cpu_allocator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    tune_cpu_allocator()
     device = resolve_device(args.device)
     extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
     written = extract_reference_features(args.dataset, args.few_shot_dir, args.save_dir, extractor,

@@ -16,6 +16,7 @@ import argparse
 from utils.demo import DEMO_DEFAULTS, prepare_demo
 from utils.engine import fit
 from utils.errors import run_cli
+from utils.runtime import tune_cpu_allocator
 from utils.options import add_training_arguments
 
 
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    tune_cpu_allocator()
     extractor = prepare_demo(args) if args.demo else None
     fit(args, shots=[args.num_ref_shot], run_names={args.num_ref_shot: args.setting}, extractor=extractor)
 

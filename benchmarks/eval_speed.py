@@ -28,6 +28,7 @@ from datasets import DEMO_UNSEEN, Sample, generate_demo_dataset, list_fewshot_im
 from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
 from models.residual import ReferenceBank  # noqa: E402
 from utils.options import add_training_arguments  # noqa: E402
+from utils.runtime import tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 
@@ -47,6 +48,7 @@ def peak_memory_gib() -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    tune_cpu_allocator()
     seed_everything(args.seed)
     device = engine.resolve_device(args.device)
     root = generate_demo_dataset(args.data)
