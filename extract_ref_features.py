@@ -1,4 +1,4 @@
-"""Encode the few-shot normal reference images of a dataset for testing.
+r"""Encode the few-shot normal reference images of a dataset for testing.
 
     python extract_ref_features.py --dataset mvtec --few_shot_dir ./data/4shot/mvtec \
         --save_dir ./ref_features/w50/mvtec_4shot

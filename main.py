@@ -1,4 +1,4 @@
-"""Train ResAD on the seen classes of a setting and evaluate it on the unseen classes.
+r"""Train ResAD on the seen classes of a setting and evaluate it on the unseen classes.
 
     python main.py --setting visa_to_mvtec --train_dataset_dir /data/visa \
         --test_dataset_dir /data/mvtec --test_ref_feature_dir ./ref_features/w50/mvtec_4shot \
