@@ -11,7 +11,7 @@ batches on the model's device.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +71,3 @@ def anomaly_maps(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.T
         global_max = chunk_max if global_max is None else torch.maximum(global_max, chunk_max)
         smoothed.append(gaussian_blur((abnormality - normality) / 2.0, sigma).cpu())
     return torch.cat(smoothed) + global_max.cpu() / 2.0
-
-
-def map_components(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.Tensor], size: int = 224,
-                   sigma: float = 4.0) -> List[torch.Tensor]:
-    """The two smoothed maps separately (for analysis and tests); memory-hungry, small sets only."""
-    normality = sum(_upsample((lp - lp.max()).exp(), size) for lp in logps)
-    map1 = gaussian_blur(normality.max() - normality, sigma)
-    map2 = gaussian_blur(sum(_upsample(pa, size) for pa in abnormal_probs) / len(abnormal_probs), sigma)
-    return [map1, map2]

@@ -14,10 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from datasets.base import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_BACKBONE = "wide_resnet50_2"
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"

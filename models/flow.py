@@ -24,7 +24,6 @@ import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 FLOW_ARCHS = ("conditional_flow_model", "flow_model")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from datasets import AnomalyDataset, Sample, list_fewshot_images
 from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor

@@ -7,7 +7,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from models.anomaly_map import anomaly_maps, gaussian_blur, map_components
+from models.anomaly_map import anomaly_maps, gaussian_blur
 from models.constraintor import FeatureConstraintor
 from models.flow import (LevelFlow, PositionConditionedSubnet, grid_coordinates, log_likelihoods,
                          positional_encoding_2d)
@@ -304,5 +304,3 @@ def test_anomaly_maps_follow_the_spec():
     expected = (smooth(map1) + smooth(map2)) / 2
     got = anomaly_maps(logps, probs, size=size, sigma=4, chunk=2).numpy()
     assert np.abs(got - expected).max() < 1e-5
-    m1, m2 = map_components(logps, probs, size=size)
-    assert np.abs((m1 + m2).numpy() / 2 - expected).max() < 1e-5

@@ -38,6 +38,7 @@ from utils.seed import rng_state, seed_everything, set_rng_state
 CSV_COLUMNS = ("Class Name",) + METRIC_NAMES
 FLOW_MINIBATCH = 8192
 LR_MILESTONES = (70, 90)
+CHECKPOINT_FORMAT = "resad-checkpoint-1"
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -357,9 +358,6 @@ def _check_resume(ckpt: dict, args: argparse.Namespace, extractor: FeatureExtrac
         if key in saved and saved[key] != getattr(args, key):
             raise UserError(f"--resume {path}: the checkpoint has --{key} {saved[key]}, this run "
                             f"{getattr(args, key)}; use the same model options")
-
-
-CHECKPOINT_FORMAT = "resad-checkpoint-1"
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import pandas as pd
@@ -188,7 +188,3 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
 def load_reference_banks(ref_dir: str, class_names: Sequence[str], extractor: dict, num_shots: int,
                          device: torch.device | str) -> Dict[str, ReferenceBank]:
     return {c: load_reference_bank(ref_dir, c, extractor, num_shots).to(device) for c in class_names}
-
-
-def read_metrics_csv(path: str) -> Optional[pd.DataFrame]:
-    return pd.read_csv(path) if os.path.isfile(path) else None

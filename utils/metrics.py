@@ -33,7 +33,6 @@ anomalous pixels only.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
