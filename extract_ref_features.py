@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 from models.extractor import DEFAULT_BACKBONE, build_extractor
-from utils.engine import extract_reference_features, resolve_device
+from utils.references import extract_reference_features
+from utils.runtime import resolve_device
 from utils.errors import run_cli
 from utils.runtime import tune_cpu_allocator
 

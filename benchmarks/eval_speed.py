@@ -3,7 +3,7 @@
     python benchmarks/eval_speed.py                        # offline backbone, synthetic demo images
     python benchmarks/eval_speed.py --backbone wide_resnet50_2 --device cuda --images 1000
 
-The evaluation is the real code path (``utils.engine.evaluate``): image loading,
+The evaluation is the real code path (``utils.evaluation.evaluate``): image loading,
 feature extraction, matching against a 4-shot bank, VQ + EFDM, constraintor,
 flows, anomaly maps and all metrics including the exact AUPRO.  The model is
 randomly initialised (speed does not depend on training).  The backbone figure
@@ -23,12 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import utils.engine as engine  # noqa: E402
+import utils.evaluation as evaluation  # noqa: E402
 from datasets import DEMO_UNSEEN, Sample, generate_demo_dataset, list_fewshot_images, test_samples  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
 from models.residual import ReferenceBank  # noqa: E402
 from utils.options import add_training_arguments  # noqa: E402
-from utils.runtime import tune_cpu_allocator  # noqa: E402
+from utils.engine import build_model  # noqa: E402
+from utils.loaders import make_loader  # noqa: E402
+from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tune_cpu_allocator()
     seed_everything(args.seed)
-    device = engine.resolve_device(args.device)
+    device = resolve_device(args.device)
     root = generate_demo_dataset(args.data)
     extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
     classes = list(DEMO_UNSEEN[: args.classes])
@@ -59,26 +61,26 @@ def main(argv=None) -> None:
     for name in classes:
         samples = test_samples("demo", root, name)
         test_sets[name] = (samples * (per_class // len(samples) + 1))[:per_class]
-        refs = engine.make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, args.num_ref_shot)],
+        refs = make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, args.num_ref_shot)],
                                   extractor, args.num_ref_shot, 0)
         banks[name] = ReferenceBank.from_features(extractor(next(iter(refs))["image"].to(device)))
     n_images = sum(len(v) for v in test_sets.values())
-    model = engine.build_model(args, extractor.channels).to(device)
+    model = build_model(args, extractor.channels).to(device)
 
     # The backbone alone: the same loaders, extraction only.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    engine.evaluate(model, extractor, {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}, banks,
+    evaluation.evaluate(model, extractor, {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}, banks,
                     [args.num_ref_shot], args, device)  # warm-up
     sync()
     start = time.perf_counter()
     for samples in test_sets.values():
-        for batch in engine.make_loader(samples, extractor, args.eval_batch_size, args.num_workers):
+        for batch in make_loader(samples, extractor, args.eval_batch_size, args.num_workers):
             extractor(batch["image"].to(device))
     sync()
     backbone_s = time.perf_counter() - start
 
     metrics_time = [0.0]
-    compute = engine.compute_metrics
+    compute = evaluation.compute_metrics
 
     def timed_metrics(*a, **k):
         t = time.perf_counter()
@@ -86,12 +88,12 @@ def main(argv=None) -> None:
         metrics_time[0] += time.perf_counter() - t
         return out
 
-    engine.compute_metrics = timed_metrics
+    evaluation.compute_metrics = timed_metrics
     start = time.perf_counter()
-    engine.evaluate(model, extractor, test_sets, banks, [args.num_ref_shot], args, device)
+    evaluation.evaluate(model, extractor, test_sets, banks, [args.num_ref_shot], args, device)
     sync()
     total_s = time.perf_counter() - start
-    engine.compute_metrics = compute
+    evaluation.compute_metrics = compute
 
     print(f"device {device}, backbone {extractor.name}, {n_images} test images of {len(classes)} classes, "
           f"{args.num_ref_shot}-shot banks, batch {args.eval_batch_size}, {args.num_workers} loader workers, "

@@ -18,7 +18,7 @@ import torch
 
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
-from utils.engine import extract_reference_features
+from utils.references import extract_reference_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

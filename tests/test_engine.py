@@ -12,7 +12,10 @@ import torch
 from datasets import DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.resad import ResAD
-from utils.engine import CSV_COLUMNS, FLOW_MINIBATCH, Trainer, extract_reference_features, fit
+from utils.engine import fit
+from utils.evaluation import CSV_COLUMNS
+from utils.references import extract_reference_features
+from utils.training import FLOW_MINIBATCH, Trainer
 from utils.options import add_training_arguments
 
 

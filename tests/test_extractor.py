@@ -11,7 +11,7 @@ import torch
 
 from datasets import AnomalyDataset, Sample, list_fewshot_images
 from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor
-from utils.engine import extract_reference_features
+from utils.references import extract_reference_features
 from utils.errors import UserError
 from utils.io import load_reference_bank
 

@@ -22,7 +22,8 @@ def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
     """Generate the synthetic dataset (reused when present) and its reference features;
     returns the extractor, for the run to reuse."""
     from datasets import DEMO_UNSEEN, generate_demo_dataset
-    from utils.engine import extract_reference_features, resolve_device
+    from utils.references import extract_reference_features
+    from utils.runtime import resolve_device
 
     root = generate_demo_dataset(args.test_dataset_dir)
     print(f"demo dataset: {os.path.abspath(root)}")

@@ -1,0 +1,22 @@
+"""The DataLoader every loop uses (training, reference pools, evaluation, extraction)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import AnomalyDataset, Sample
+from models.extractor import FeatureExtractor
+
+
+def make_loader(samples: Sequence[Sample], extractor: FeatureExtractor, batch_size: int, num_workers: int,
+                shuffle: bool = False, drop_last: bool = False, generator: Optional[torch.Generator] = None) -> DataLoader:
+    dataset = AnomalyDataset(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std)
+    # A loader draws its workers' base seed from its generator; giving every loader one keeps
+    # the global random state untouched by evaluation, so a resumed run repeats an uninterrupted one.
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+

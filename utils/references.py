@@ -1,0 +1,49 @@
+"""Reference features of the unseen classes: encode the few-shot images once and save them."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from datasets import Sample
+from models.extractor import FeatureExtractor
+from utils import io
+from utils.errors import UserError
+from utils.loaders import make_loader
+
+
+@torch.no_grad()
+def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, extractor: FeatureExtractor,
+                               shots: Optional[int] = None, classes: Optional[Sequence[str]] = None,
+                               batch_size: int = 8, num_workers: int = 0) -> Dict[str, str]:
+    """Encode the few-shot reference images of every class of ``dataset`` and save them.
+
+    Writes ``<save_dir>/<class>/layer{1,2,3}.npy`` (float32, (k*H*W, C),
+    image-major) plus ``meta.json`` naming the backbone and the image files.
+    """
+    from datasets import get_dataset, list_fewshot_images
+
+    if shots is not None and shots < 1:
+        raise UserError(f"--shots {shots}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    info = get_dataset(dataset)
+    names = list(classes) if classes else list(info.classes)
+    unknown = [c for c in names if c not in info.classes]
+    if unknown:
+        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(info.classes)})")
+    files = {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}  # check all first
+    io.ensure_dir(save_dir, "--save_dir")
+    written = {}
+    device = next(extractor.parameters()).device
+    for class_name in tqdm(names, desc=f"reference features ({dataset})", dynamic_ncols=True):
+        samples = [Sample(path, 0, (), class_name) for path in files[class_name]]
+        levels = [[] for _ in extractor.channels]
+        for batch in make_loader(samples, extractor, batch_size, num_workers):
+            for level, f in enumerate(extractor(batch["image"].to(device))):
+                levels[level].append(f.cpu())
+        meta = dict(extractor.describe(), dataset=dataset, images=[os.path.abspath(p) for p in files[class_name]])
+        written[class_name] = io.save_reference_features(save_dir, class_name, [torch.cat(l) for l in levels], meta)
+    return written
