@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from datasets import Sample, get_setting, test_samples, training_samples
-from models.extractor import FeatureExtractor, build_extractor
+from models.extractor import FeatureExtractor, build_extractor_from_args
 from models.resad import ResAD
 from utils import io
 from utils.errors import UserError
@@ -64,6 +64,9 @@ def _check_resume(ckpt: dict, args: argparse.Namespace, extractor: FeatureExtrac
     if ckpt.get("backbone") != extractor.name or list(ckpt.get("channels", [])) != extractor.channels:
         raise UserError(f"--resume {path}: the checkpoint was trained with --backbone {ckpt.get('backbone')}, "
                         f"this run uses {extractor.name}; pass the same --backbone")
+    if list(ckpt.get("layers", extractor.layers)) != extractor.layers:
+        raise UserError(f"--resume {path}: the checkpoint was trained on the backbone's layers {ckpt['layers']}, "
+                        f"this run uses {extractor.layers}; pass the same --feature_levels / --feature_blocks")
     for key in ("coupling_layers", "flow_arch", "pos_embed_dim", "num_embeddings", "residual"):
         if key in saved and saved[key] != getattr(args, key):
             raise UserError(f"--resume {path}: the checkpoint has --{key} {saved[key]}, this run "
@@ -106,7 +109,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
                         "images of the seen classes; lower --batch_size")
 
     if extractor is None:
-        extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+        extractor = build_extractor_from_args(args, device)
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
@@ -192,6 +195,6 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
 
 def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best) -> dict:
     return {"format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "backbone": extractor.name,
-            "channels": extractor.channels, "epoch": epoch, "model": model.state_dict(),
+            "channels": extractor.channels, "layers": extractor.layers, "epoch": epoch, "model": model.state_dict(),
             "trainer": trainer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
             "best": dict(best)}

@@ -29,7 +29,7 @@ class ClassEvaluation:
     heatmaps: List[dict]   # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
              banks: Dict[str, ReferenceBank], shots: Sequence[int], args: argparse.Namespace,
              device: torch.device, num_heatmaps: int = 0) -> Dict[int, Dict[str, ClassEvaluation]]:

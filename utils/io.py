@@ -157,6 +157,10 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
         if meta.get("backbone") and meta["backbone"] != extractor["backbone"]:
             raise UserError(f"{flag} {class_dir}: features were extracted with --backbone {meta['backbone']}, "
                             f"this run uses {extractor['backbone']}; re-extract them or pass the same --backbone")
+        if meta.get("layers") is not None and list(meta["layers"]) != list(extractor.get("layers", meta["layers"])):
+            raise UserError(f"{flag} {class_dir}: features are of {extractor['backbone']} layers {meta['layers']}, "
+                            f"this run uses layers {extractor['layers']}; re-extract them with the same "
+                            "--feature_levels / --feature_blocks")
     levels: List[torch.Tensor] = []
     shots = None
     for level, (channels, (h, w)) in enumerate(zip(extractor["channels"], extractor["feature_sizes"]), start=1):

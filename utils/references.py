@@ -14,13 +14,13 @@ from utils.errors import UserError
 from utils.loaders import make_loader
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, extractor: FeatureExtractor,
                                shots: Optional[int] = None, classes: Optional[Sequence[str]] = None,
                                batch_size: int = 8, num_workers: int = 0) -> Dict[str, str]:
     """Encode the few-shot reference images of every class of ``dataset`` and save them.
 
-    Writes ``<save_dir>/<class>/layer{1,2,3}.npy`` (float32, (k*H*W, C),
+    Writes ``<save_dir>/<class>/layer{1..L}.npy`` (one per feature level) (float32, (k*H*W, C),
     image-major) plus ``meta.json`` naming the backbone and the image files.
     """
     from datasets import get_dataset, list_fewshot_images
