@@ -109,10 +109,18 @@ def imagebind_to_timm(checkpoint: Dict[str, torch.Tensor], model: nn.Module, pat
     return mapped
 
 
-def load_imagebind_weights(model: nn.Module, path: str, checkpoint: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
-    """Fill every parameter of the timm ViT ``model`` from the ImageBind checkpoint at ``path`` (strict)."""
+def load_imagebind_weights(model: nn.Module, path: str, checkpoint: Optional[Dict[str, torch.Tensor]] = None,
+                           assign: bool = False) -> nn.Module:
+    """Fill every parameter of the timm ViT ``model`` from the ImageBind checkpoint at ``path`` (strict).
+
+    ``assign=True`` takes the checkpoint's tensors as the parameters (for a model
+    built on the meta device: no random initialisation, no second copy)."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    model.load_state_dict(imagebind_to_timm(checkpoint, model, path), strict=True)
+    mapped = {k: v.to(torch.float32) for k, v in imagebind_to_timm(checkpoint, model, path).items()}
+    model.load_state_dict(mapped, strict=True, assign=assign)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"ImageBind mapping left {left[0]} uninitialised")
     return model
 
 
@@ -125,7 +133,14 @@ def imagebind_vit(**kwargs) -> nn.Module:
 
 
 def build_imagebind_vit(weights: Optional[str] = None) -> nn.Module:
-    """ImageBind-Huge's vision trunk with its weights; the file is read before the model is built."""
+    """ImageBind-Huge's vision trunk with its weights.
+
+    The file is read (memory-mapped) before anything is built; the ViT is built
+    on the meta device and takes the checkpoint's tensors, so its 631 M
+    parameters are neither randomly initialised nor held twice.
+    """
     path = weights or IMAGEBIND_WEIGHTS
     checkpoint = read_checkpoint(path)
-    return load_imagebind_weights(imagebind_vit(), path, checkpoint)
+    with torch.device("meta"):
+        model = imagebind_vit()
+    return load_imagebind_weights(model, path, checkpoint, assign=True)

@@ -82,11 +82,14 @@ def direct_imagebind_blocks(ckpt, images):
     return outputs
 
 
-def test_imagebind_mapping_gives_imagebinds_block_outputs(tmp_path):
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_imagebind_mapping_gives_imagebinds_block_outputs(tmp_path, on_meta):
     ckpt = imagebind_checkpoint()
     path = tmp_path / "imagebind_tiny.pth"
     torch.save(ckpt, path)
-    model = load_imagebind_weights(tiny_imagebind_vit(), str(path))
+    with torch.device("meta" if on_meta else "cpu"):  # on meta: built without weights, takes the file's tensors
+        model = tiny_imagebind_vit()
+    model = load_imagebind_weights(model, str(path), assign=on_meta)
     # every tensor of the ViT comes from the checkpoint (nothing left at its random initialisation)
     assert torch.equal(model.head.weight, ckpt["modality_heads.vision.2.weight"]) and not model.head.bias.any()
     assert torch.equal(model.norm.weight, ckpt["modality_heads.vision.0.weight"])

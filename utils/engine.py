@@ -111,6 +111,9 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     if extractor is None:
         extractor = build_extractor_from_args(args, device)
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
+    if max(extractor.channels) > 512:
+        print(f"building the flows: {len(extractor.channels)} levels x {args.coupling_layers} coupling layers on "
+              f"{max(extractor.channels)} channels (a random rotation each, seconds apiece on a CPU; once per run)")
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
