@@ -6,26 +6,59 @@ Not used by the project's code.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+import models.residual as residual
 
 from models.flow import grid_coordinates
 from models.losses import flow_loss, normal_boundary, occ_loss
 from models.residual import flatten_positions
-from utils.training import FLOW_MINIBATCH, Trainer, level_masks
+from utils.loaders import make_loader
+from utils.training import FLOW_MINIBATCH, Trainer, TrainReferencePool, level_masks
 
 
-def legacy_nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
-    """Before: normalise, one matrix product and arg-max per block of queries."""
-    from models.residual import block_rows
-    import torch.nn.functional as F
+LEGACY_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 20}
 
-    queries = F.normalize(queries, dim=1)
-    block = block_rows(queries.device, bank_normalized.shape[0])
-    bank_t = bank_normalized.t()
-    return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+
+@contextlib.contextmanager
+def legacy_matching():
+    """Within: the matcher and the VQ use the previous block sizes and float32 products only."""
+    saved = dict(residual._MAX_BLOCK_ELEMENTS), dict(residual.APPROXIMATE_SIMILARITY_DTYPE)
+    residual._MAX_BLOCK_ELEMENTS.update(LEGACY_BLOCK_ELEMENTS)
+    residual.APPROXIMATE_SIMILARITY_DTYPE.update({"cuda": None, "cpu": None})
+    try:
+        yield
+    finally:
+        residual._MAX_BLOCK_ELEMENTS.update(saved[0])
+        residual.APPROXIMATE_SIMILARITY_DTYPE.update(saved[1])
+
+
+class LegacyReferencePool(TrainReferencePool):
+    """The previous pool: every refresh re-encodes the whole pool; batches run the backbone."""
+
+    def refresh(self, generator: torch.Generator) -> None:
+        chosen, owners = [], []
+        for name, samples in self.normals.items():
+            order = torch.randperm(len(samples), generator=generator)[: self.pool_size].tolist()
+            chosen += [samples[i] for i in sorted(order)]
+            owners += [name] * min(self.pool_size, len(samples))
+        loader = make_loader(chosen, self.extractor, self.batch_size, self.num_workers)
+        encoded = [[] for _ in self.extractor.channels]
+        for batch in tqdm(loader, desc="reference pool", leave=False, dynamic_ncols=True):
+            for level, f in enumerate(self.extractor(batch["image"].to(self.device))):
+                encoded[level].append(f)
+        encoded = [torch.cat(level) for level in encoded]
+        owners = np.array(owners)
+        self.features = {name: [level[torch.from_numpy(np.flatnonzero(owners == name)).to(self.device)]
+                                for level in encoded] for name in self.normals}
+
+    def lookup(self, paths):
+        return None
 
 
 class LegacyTrainer(Trainer):

@@ -105,6 +105,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")
 
+    io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
         extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
