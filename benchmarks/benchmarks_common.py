@@ -12,13 +12,16 @@ from models.extractor import FeatureExtractor, build_extractor
 
 
 def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:
-    """The backbone of ``--backbone``; with ``--random_weights`` any timm CNN, built offline."""
+    """The backbone of ``--backbone`` (``--amp`` applied); with ``--random_weights`` any timm CNN, built offline."""
     if not getattr(args, "random_weights", False):
-        return build_extractor(args.backbone, args.backbone_weights, device=device)
-    import timm
+        extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+    else:
+        import timm
 
-    model = timm.create_model(args.backbone, features_only=True, out_indices=(1, 2, 3), pretrained=False)
-    return FeatureExtractor(model, args.backbone).to(device)
+        model = timm.create_model(args.backbone, features_only=True, out_indices=(1, 2, 3), pretrained=False)
+        extractor = FeatureExtractor(model, args.backbone).to(device)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    return extractor
 
 
 def _cycle(items: List, count: int) -> List:

@@ -111,15 +111,18 @@ class StageProfile:
     def reset_times(self) -> None:
         self.seconds.clear()
 
-    def table(self, total_s: float, rate_gmacs: float, scale_macs: float = 1.0,
-              title: str = "stage") -> str:
-        """The per-stage table: seconds, share, GMAC, GMAC/s and efficiency against ``rate_gmacs``."""
+    def table(self, total_s: float, rate_gmacs: float, scale_macs=1.0, title: str = "stage") -> str:
+        """The per-stage table: seconds, share, GMAC, GMAC/s and efficiency against ``rate_gmacs``.
+
+        ``scale_macs``: a number, or a function of the stage name, that turns the counted
+        multiply-accumulates (of a smaller counting run) into those of the timed run."""
+        scale_of = scale_macs if callable(scale_macs) else (lambda name: scale_macs)
         lines = [f"{title:<34s} {'seconds':>8s} {'share':>6s} {'GMAC':>9s} {'GMAC/s':>8s} {'of mm':>6s}"]
         accounted = 0.0
         total_macs = 0.0
         for name in self.order:
             s = self.seconds.get(name, 0.0)
-            g = self.macs.get(name, 0.0) * scale_macs / 1e9
+            g = self.macs.get(name, 0.0) * scale_of(name) / 1e9
             accounted += s
             total_macs += g
             rate = g / s if s > 0 and g > 0 else 0.0

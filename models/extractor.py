@@ -37,6 +37,7 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             probe = self.model(torch.zeros(1, 3, image_size, image_size))
         self.feature_sizes: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in probe]
+        self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 (--amp bf16)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # The extractor is frozen: BatchNorm statistics must never be updated.
@@ -45,7 +46,10 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        return [f.float() for f in self.model(images)]
+        if self.autocast_dtype is None:
+            return [f.float() for f in self.model(images)]
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            return [f.float() for f in self.model(images)]
 
     def describe(self) -> dict:
         """What a file of reference features must agree with."""

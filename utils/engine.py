@@ -108,6 +108,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
         extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
@@ -129,7 +130,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
 
     pool = TrainReferencePool(extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
     loaders = {stage: make_loader(stage_samples[stage], extractor, args.batch_size, args.num_workers,
-                                  shuffle=True, drop_last=True, generator=generator) for stage in (1, 2)}
+                                  shuffle=True, drop_last=True, generator=generator,
+                                  persistent=device.type == "cuda") for stage in (1, 2)}
     print(f"{args.setting}: {len(setting.seen_classes)} seen classes ({len(stage_samples[1])} normal / "
           f"{len(stage_samples[2])} stage-2 training images), {len(setting.unseen_classes)} unseen classes, "
           f"backbone {extractor.name} {extractor.channels}, device {device}")
