@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 from models.extractor import build_extractor_from_args
-from utils.references import extract_reference_features
+from utils import io
+from utils.references import extract_reference_features, reference_files
 from utils.runtime import resolve_device
 from utils.errors import run_cli
 from utils.options import add_backbone_arguments
@@ -38,6 +39,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tune_cpu_allocator()
     device = resolve_device(args.device)
+    # Every path first: a typo must not cost a backbone download.
+    reference_files(args.dataset, args.few_shot_dir, args.shots, args.classes, args.batch_size)
+    io.check_writable(args.save_dir, "--save_dir")
     extractor = build_extractor_from_args(args, device)
     written = extract_reference_features(args.dataset, args.few_shot_dir, args.save_dir, extractor,
                                          shots=args.shots, classes=args.classes, batch_size=args.batch_size)

@@ -58,6 +58,7 @@ class FeatureExtractor(nn.Module):
         self.image_size = image_size
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 (--amp bf16)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # The extractor is frozen: BatchNorm statistics must never be updated.
@@ -69,7 +70,10 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        return [f.float() for f in self.features(images)]
+        if self.autocast_dtype is None:
+            return [f.float() for f in self.features(images)]
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            return [f.float() for f in self.features(images)]
 
     def describe(self) -> dict:
         """What a file of reference features must agree with."""

@@ -25,6 +25,10 @@ def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
     from utils.references import extract_reference_features
     from utils.runtime import resolve_device
 
+    from utils import io
+
+    io.check_writable(args.checkpoint_path)
+    io.check_writable(args.test_ref_feature_dir, "--test_ref_feature_dir")
     root = generate_demo_dataset(args.test_dataset_dir)
     print(f"demo dataset: {os.path.abspath(root)}")
     extractor = build_extractor_from_args(args, resolve_device(args.device))

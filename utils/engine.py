@@ -108,8 +108,10 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")
 
+    io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
         extractor = build_extractor_from_args(args, device)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
     if max(extractor.channels) > 512:
         print(f"building the flows: {len(extractor.channels)} levels x {args.coupling_layers} coupling layers on "
@@ -134,7 +136,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
 
     pool = TrainReferencePool(extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
     loaders = {stage: make_loader(stage_samples[stage], extractor, args.batch_size, args.num_workers,
-                                  shuffle=True, drop_last=True, generator=generator) for stage in (1, 2)}
+                                  shuffle=True, drop_last=True, generator=generator,
+                                  persistent=device.type == "cuda") for stage in (1, 2)}
     print(f"{args.setting}: {len(setting.seen_classes)} seen classes ({len(stage_samples[1])} normal / "
           f"{len(stage_samples[2])} stage-2 training images), {len(setting.unseen_classes)} unseen classes, "
           f"backbone {extractor.name} {extractor.channels}, device {device}")

@@ -14,6 +14,26 @@ from utils.errors import UserError
 from utils.loaders import make_loader
 
 
+def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None,
+                    classes: Optional[Sequence[str]] = None, batch_size: int = 8) -> Dict[str, list]:
+    """Check the arguments of :func:`extract_reference_features` and list the images per class
+    (cheap: scripts call it before building the backbone, so a typo costs no download)."""
+    from datasets import get_dataset, list_fewshot_images
+
+    if shots is not None and shots < 1:
+        raise UserError(f"--shots {shots}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    if not few_shot_dir:
+        raise UserError("--few_shot_dir is empty: give the folder of <class>/train/good reference images")
+    info = get_dataset(dataset)
+    names = list(classes) if classes else list(info.classes)
+    unknown = [c for c in names if c not in info.classes]
+    if unknown:
+        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(info.classes)})")
+    return {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}
+
+
 @torch.inference_mode()
 def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, extractor: FeatureExtractor,
                                shots: Optional[int] = None, classes: Optional[Sequence[str]] = None,
@@ -23,18 +43,8 @@ def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, e
     Writes ``<save_dir>/<class>/layer{1..L}.npy`` (one per feature level) (float32, (k*H*W, C),
     image-major) plus ``meta.json`` naming the backbone and the image files.
     """
-    from datasets import get_dataset, list_fewshot_images
-
-    if shots is not None and shots < 1:
-        raise UserError(f"--shots {shots}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch_size {batch_size}: must be at least 1")
-    info = get_dataset(dataset)
-    names = list(classes) if classes else list(info.classes)
-    unknown = [c for c in names if c not in info.classes]
-    if unknown:
-        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(info.classes)})")
-    files = {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}  # check all first
+    files = reference_files(dataset, few_shot_dir, shots, classes, batch_size)  # check all first
+    names = list(files)
     io.ensure_dir(save_dir, "--save_dir")
     written = {}
     device = next(extractor.parameters()).device
