@@ -26,7 +26,7 @@ def parse_with_demo(parser: argparse.ArgumentParser, argv=None, **demo_overrides
                              "(other flags still override its defaults)")
     args, _ = parser.parse_known_args(argv)
     if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS, **demo_overrides)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **demo_overrides})
     return parser.parse_args(argv)
 
 

@@ -48,14 +48,20 @@ def _group_std(groups: Sequence[Dict[str, float]]) -> Dict[str, float]:
 
 
 def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[ReferenceBank]:
-    """The bank itself, then ``groups - 1`` seeded re-orderings of its shots.
+    """The bank itself, then ``groups - 1`` seeded re-orderings of its shots, all different when possible.
 
     Cutting a re-ordered bank to its first k shots is a random draw of k of the
     references; the draws of different k in one group are nested.
     """
     generator = torch.Generator().manual_seed(seed)
-    orders = [torch.randperm(bank.num_shots, generator=generator).tolist() for _ in range(groups - 1)]
-    return [bank] + [bank.select_shots(order) for order in orders]
+    orders = [list(range(bank.num_shots))]
+    for _ in range(groups - 1):
+        for _attempt in range(100):  # a new order while there are new ones to draw
+            order = torch.randperm(bank.num_shots, generator=generator).tolist()
+            if order not in orders:
+                break
+        orders.append(order)
+    return [bank] + [bank.select_shots(order) for order in orders[1:]]
 
 
 @torch.no_grad()
