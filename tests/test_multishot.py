@@ -161,7 +161,7 @@ def demo(tmp_path_factory):
 def script_args(demo, out, *extra, **overrides):
     options = {"--setting": "demo", "--train_dataset_dir": demo["root"], "--test_dataset_dir": demo["root"],
                "--test_ref_feature_dir": demo["refs"], "--backbone": OFFLINE_BACKBONE, "--train_ref_shot": 1,
-               "--train_ref_pool": 2, "--pos_embed_dim": 16, "--epochs": 1, "--stage1_epochs": 1, "--batch_size": 8,
+               "--train_ref_pool": 2, "--pos_embed_dim": 16, "--epochs": 1, "--stage1_epochs": 1, "--batch_size": 16,
                "--eval_batch_size": 8, "--coupling_layers": 2, "--num_embeddings": 64, "--lr": 1e-4,
                "--num_workers": 0, "--device": "cpu", "--checkpoint_path": str(out), "--num_heatmaps": 3}
     options.update(overrides)

@@ -192,11 +192,13 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEval
             for item in ev.heatmaps:
                 stem = os.path.splitext(os.path.basename(item["path"]))[0]
                 kind = os.path.basename(os.path.dirname(item["path"]))
-                verdict = ("flagged" if item["score"] >= item["threshold"] else "passed") \
-                    if np.isfinite(item["threshold"]) else "vs"
+                if np.isfinite(item["threshold"]):
+                    verdict = "flagged" if item["score"] >= item["threshold"] else "passed"
+                    judged = f"{verdict} at the class's F1-max threshold {item['threshold']:.3f}"
+                else:
+                    judged = "(no F1-max threshold: the class lacks normal or anomalous images)"
                 plots.save_heatmap(
                     os.path.join(out.folder, "heatmaps", f"{class_name}_{item['role']}_{kind}_{stem}.png"), **item,
                     title=f"{out.name}: {class_name} / {item['role']} ({kind}/{stem})\n"
-                          f"image score {item['score']:.3f} {verdict} at the class's F1-max threshold "
-                          f"{item['threshold']:.3f}")
+                          f"image score {item['score']:.3f} {judged}")
     return table
