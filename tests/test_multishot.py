@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import main_extended_multi_shot
-from datasets import DEMO_UNSEEN, generate_demo_dataset
+from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.resad import ResAD
 from models.residual import ReferenceBank, nearest_reference_indices, nearest_reference_indices_by_shots
@@ -196,9 +196,9 @@ def test_multi_shot_script_writes_the_per_k_layout(trained):
     pixel = ["Pixel AUC", "Pixel AP", "Pixel AUPRO"]
     assert not np.allclose(tables[1][pixel].to_numpy(), tables[2][pixel].to_numpy(), atol=1e-6, rtol=0)
     ckpt = torch.load(trained / "demo_2shot" / "demo_2shot_latest.pth", weights_only=False)
-    assert ckpt["trained_on"] == {"setting": "demo", "source": "demo", "seen_classes": list(ckpt["trained_on"]
-                                  ["seen_classes"]), "backbone": OFFLINE_BACKBONE, "channels": [24, 40, 112],
-                                  "feature_levels": 3}
+    assert ckpt["trained_on"] == {"setting": "demo", "source": "demo", "seen_classes": list(DEMO_SEEN),
+                                  "backbone": OFFLINE_BACKBONE, "channels": list(ckpt["channels"]),
+                                  "feature_levels": len(ckpt["channels"])}
 
 
 def test_eval_only_reproduces_the_training_run_metrics(demo, trained, tmp_path):
