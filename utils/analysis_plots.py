@@ -245,7 +245,7 @@ def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, t
     if compare is None:
         ax.legend(fontsize=8, loc="lower right")
     else:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.set_title(title or f"{metric} per class (worst {min(top_k, len(names))} in red)")
     _save(fig, out)
     return result
