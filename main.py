@@ -6,6 +6,10 @@ r"""Train ResAD on the seen classes of a setting and evaluate it on the unseen c
 
     python main.py --demo     # offline: synthetic data, EfficientNet-Lite0, a few minutes on a CPU
 
+    # no training: evaluate a trained model on another target (same source dataset)
+    python main.py --eval_only --checkpoint ./checkpoints/mvtec_to_visa/mvtec_to_visa_latest.pth \
+        --setting mvtec_to_btad --test_dataset_dir /data/btad --test_ref_feature_dir ./ref_features/w50/btad_4shot
+
 Results go to <checkpoint_path>/<setting>/: <setting>_epoch<E>_metrics.csv/.json,
 <setting>_epoch<E>_pixel_auroc.png, <setting>_latest.pth, <setting>_best.pth and heatmaps/.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from utils.demo import DEMO_DEFAULTS, prepare_demo
+from utils.demo import parse_with_demo, prepare_demo
 from utils.engine import fit
 from utils.errors import run_cli
 from utils.runtime import tune_cpu_allocator
@@ -22,14 +26,7 @@ from utils.options import add_training_arguments
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true",
-                        help="generate the synthetic dataset in ./data/demo and run the offline demo "
-                             "(other flags still override its defaults)")
-    add_training_arguments(parser)
-    args, _ = parser.parse_known_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args(argv)
+    return parse_with_demo(add_training_arguments(parser), argv)
 
 
 def main(argv=None) -> None:

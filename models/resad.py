@@ -7,7 +7,7 @@ training harness is :mod:`utils.engine`.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn as nn
 from models.constraintor import FeatureConstraintor
 from models.flow import LevelFlow, grid_coordinates, log_likelihoods
 from models.residual import (ReferenceBank, flatten_positions, match_feature_distribution, match_references,
-                             residual_features)
+                             match_references_by_shots, residual_features)
 from models.vq import MultiScaleVQ
 
 # Positions sent through a flow at once at inference: large on a GPU, cache-sized
@@ -52,7 +52,19 @@ class ResAD(nn.Module):
         Returns, per level, the log-likelihood map logp (B, H, W) and the
         abnormal probability softmax([logp, logp_a])[1] (B, H, W).
         """
-        residuals = self.residuals(features, bank)
+        return self.score_residuals(self.residuals(features, bank))
+
+    @torch.no_grad()
+    def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank,
+                      shots: Sequence[int]) -> Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching."""
+        matched = match_references_by_shots(features, bank, shots)
+        return {k: self.score_residuals(residual_features(features, matched[k], self.residual_mode))
+                for k in shots}
+
+    @torch.no_grad()
+    def score_residuals(self, residuals: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Distribution matching, constraintor and flows: per-level logp and abnormal-probability maps."""
         quantized = self.vq.quantize(residuals)
         residuals = [match_feature_distribution(r, q, self.fdm_alpha) for r, q in zip(residuals, quantized)]
         constrained = self.constraintor(residuals)

@@ -8,7 +8,7 @@ cut to its first k shots (SPEC 2.3).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,12 @@ class ReferenceBank:
             return self
         return ReferenceBank([lvl[: lvl.shape[0] // self.num_shots * shots] for lvl in self.levels], shots)
 
+    def select_shots(self, order: Sequence[int]) -> "ReferenceBank":
+        """The bank of the reference images ``order`` (indices into the shots), in that order."""
+        per_shot = [lvl.shape[0] // self.num_shots for lvl in self.levels]
+        return ReferenceBank([torch.cat([lvl[i * n:(i + 1) * n] for i in order])
+                              for lvl, n in zip(self.levels, per_shot)], len(order))
+
     def to(self, device: torch.device | str) -> "ReferenceBank":
         return ReferenceBank([lvl.to(device) for lvl in self.levels], self.num_shots)
 
@@ -140,6 +146,54 @@ def nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tens
         return torch.cat([certified_argmax_rows(chunk, bank_normalized, dtype) for chunk in queries.split(block)])
     bank_t = bank_normalized.t()
     return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+
+
+def nearest_reference_indices_by_shots(queries: torch.Tensor, bank_normalized: torch.Tensor, num_shots: int,
+                                       shots: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """For every k in ``shots``, the index of the most similar row among the first k shots of the bank.
+
+    ``bank_normalized`` holds ``num_shots`` images of equal size, image-major,
+    with unit rows.  The similarities are computed ONCE against the whole bank;
+    a running maximum over the shot blocks (strictly greater wins, so a tie
+    keeps the earlier row) gives, after block k, the first maximal index among
+    the first k shots: exactly what ``argmax`` over a k-shot bank returns.
+    """
+    wanted = sorted(set(int(k) for k in shots))
+    if not wanted or wanted[0] < 1 or wanted[-1] > num_shots:
+        raise ValueError(f"shots {list(shots)} must lie in 1..{num_shots}")
+    rows_per_shot = bank_normalized.shape[0] // num_shots
+    last = wanted[-1]
+    bank_t = bank_normalized[: last * rows_per_shot].t()
+    queries = F.normalize(queries, dim=1)
+    block = block_rows(queries.device, last * rows_per_shot)
+    found: Dict[int, List[torch.Tensor]] = {k: [] for k in wanted}
+    for chunk in queries.split(block):
+        similarity = torch.mm(chunk, bank_t)
+        best_value = best_index = None
+        for shot in range(last):
+            value, index = similarity[:, shot * rows_per_shot:(shot + 1) * rows_per_shot].max(dim=1)
+            index = index + shot * rows_per_shot
+            if best_value is None:
+                best_value, best_index = value, index
+            else:
+                better = value > best_value
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index, best_index)
+            if shot + 1 in found:
+                found[shot + 1].append(best_index)
+    return {k: torch.cat(parts) for k, parts in found.items()}
+
+
+def match_references_by_shots(features: Sequence[torch.Tensor], bank: ReferenceBank,
+                              shots: Sequence[int]) -> Dict[int, List[torch.Tensor]]:
+    """:func:`match_references` for several k at once (the bank cut to its first k shots), one matching."""
+    matched: Dict[int, List[torch.Tensor]] = {int(k): [] for k in shots}
+    for feature, rows, rows_n in zip(features, bank.levels, bank.normalized()):
+        b, _, h, w = feature.shape
+        indices = nearest_reference_indices_by_shots(flatten_positions(feature), rows_n, bank.num_shots, shots)
+        for k, idx in indices.items():
+            matched[k].append(unflatten_positions(rows[idx], b, h, w))
+    return matched
 
 
 def match_references(features: Sequence[torch.Tensor], bank: ReferenceBank) -> List[torch.Tensor]:

@@ -179,7 +179,7 @@ def _no_backbone(*args, **kwargs):
 def test_extract_ref_features_checks_paths_before_the_backbone(tmp_path, monkeypatch):
     import extract_ref_features
 
-    monkeypatch.setattr(extract_ref_features, "build_extractor", _no_backbone)
+    monkeypatch.setattr(extract_ref_features, "build_extractor_from_args", _no_backbone)
     with pytest.raises(UserError, match="few-shot folder"):
         extract_ref_features.main(["--dataset", "mvtec", "--few_shot_dir", str(tmp_path / "typo"),
                                    "--save_dir", str(tmp_path / "out")])
@@ -193,7 +193,7 @@ def test_fit_checks_reference_features_before_the_backbone(tmp_path, monkeypatch
     import utils.engine as engine
 
     root = generate_demo_dataset(str(tmp_path / "demo"), n_train=2, n_test_good=1, n_test_anomalous=1)
-    monkeypatch.setattr(engine, "build_extractor", _no_backbone)
+    monkeypatch.setattr(engine, "build_extractor_from_args", _no_backbone)
     args = make_args(setting="demo", train_dataset_dir=root, test_dataset_dir=root, batch_size=2,
                      train_ref_shot=1, test_ref_feature_dir=str(tmp_path / "typo"),
                      checkpoint_path=str(tmp_path / "ckpt"))

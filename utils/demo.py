@@ -18,6 +18,18 @@ DEMO_DEFAULTS = dict(
 )
 
 
+def parse_with_demo(parser: argparse.ArgumentParser, argv=None, **demo_overrides) -> argparse.Namespace:
+    """Parse ``argv``; with ``--demo`` the demo defaults (and ``demo_overrides``) replace the parser's own,
+    and flags given on the command line still win."""
+    parser.add_argument("--demo", action="store_true",
+                        help="generate the synthetic dataset in ./data/demo and run the offline demo "
+                             "(other flags still override its defaults)")
+    args, _ = parser.parse_known_args(argv)
+    if args.demo:
+        parser.set_defaults(**{**DEMO_DEFAULTS, **demo_overrides})
+    return parser.parse_args(argv)
+
+
 def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
     """Generate the synthetic dataset (reused when present) and its reference features;
     returns the extractor, for the run to reuse."""
@@ -32,6 +44,7 @@ def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
     root = generate_demo_dataset(args.test_dataset_dir)
     print(f"demo dataset: {os.path.abspath(root)}")
     extractor = build_extractor_from_args(args, resolve_device(args.device))
-    extract_reference_features("demo", root, args.test_ref_feature_dir, extractor, shots=args.num_ref_shot,
+    shots = max(getattr(args, "shots", None) or [args.num_ref_shot])
+    extract_reference_features("demo", root, args.test_ref_feature_dir, extractor, shots=shots,
                                classes=DEMO_UNSEEN)
     return extractor

@@ -9,6 +9,7 @@ and checkpoints, and resumes from a checkpoint when asked.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -18,7 +19,7 @@ import pandas as pd
 import torch
 
 from datasets import Sample, get_setting, test_samples, training_samples
-from models.extractor import FeatureExtractor, build_extractor_from_args
+from models.extractor import FeatureExtractor, build_extractor, build_extractor_from_args, is_vit
 from models.resad import ResAD
 from utils import io
 from utils.errors import UserError
@@ -29,6 +30,10 @@ from utils.loaders import make_loader
 from utils.training import Trainer, TrainReferencePool, train_one_epoch
 
 CHECKPOINT_FORMAT = "resad-checkpoint-1"
+
+
+# Options that shape the trained model (an --eval_only run takes them from the checkpoint).
+MODEL_OPTIONS = ("num_embeddings", "coupling_layers", "clamp_alpha", "pos_embed_dim", "flow_arch", "residual")
 
 
 def build_model(args: argparse.Namespace, channels: Sequence[int]) -> ResAD:
@@ -81,6 +86,11 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     ``extractor`` may be passed when the caller already built it from ``args``.
     Returns the last evaluation's table per number of shots.
     """
+    if getattr(args, "eval_only", False):
+        return evaluate_checkpoint(args, shots, run_names, extractor)
+    if getattr(args, "checkpoint", None):
+        raise UserError(f"--checkpoint {args.checkpoint}: only used with --eval_only; "
+                        "add --eval_only to evaluate it, or use --resume to continue training")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     setting = get_setting(args.setting)
@@ -96,8 +106,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     check_at_least(args, 0, "num_workers", "stage1_epochs", "num_heatmaps")
     if args.pos_embed_dim < 4 or args.pos_embed_dim % 4:
         raise UserError(f"--pos_embed_dim {args.pos_embed_dim}: must be a positive multiple of 4")
-    if min(shots) < 1:
-        raise UserError(f"--num_ref_shot {min(shots)}: must be at least 1")
+    _check_shots(args, shots)
     normals = _normals_by_class(stage_samples[1])
     fewest = min(normals.items(), key=lambda kv: len(kv[1]))
     if args.train_ref_shot > min(len(fewest[1]), args.train_ref_pool):
@@ -112,7 +121,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     if extractor is None:
         extractor = build_extractor_from_args(args, device)
     extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
-    banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
+    banks = _load_banks(args, setting.unseen_classes, extractor, shots, device)
     if max(extractor.channels) > 512:
         print(f"building the flows: {len(extractor.channels)} levels x {args.coupling_layers} coupling layers on "
               f"{max(extractor.channels)} channels (a random rotation each, seconds apiece on a CPU; once per run)")
@@ -203,4 +212,123 @@ def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best) -
     return {"format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "backbone": extractor.name,
             "channels": extractor.channels, "layers": extractor.layers, "epoch": epoch, "model": model.state_dict(),
             "trainer": trainer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-            "best": dict(best)}
+            "best": dict(best), "trained_on": _trained_on(args, extractor)}
+
+
+# --------------------------------------------------------------------------- shots and reference banks
+
+def _shots_flag(args: argparse.Namespace) -> str:
+    return "--shots" if getattr(args, "shots", None) else "--num_ref_shot"
+
+
+def _check_shots(args: argparse.Namespace, shots: Sequence[int]) -> None:
+    if min(shots) < 1:
+        raise UserError(f"{_shots_flag(args)} {min(shots)}: must be at least 1")
+    check_at_least(args, 1, "ref_groups")
+
+
+def _load_banks(args: argparse.Namespace, classes: Sequence[str], extractor: FeatureExtractor,
+                shots: Sequence[int], device: torch.device):
+    """The reference banks: the first max(shots) shots, or every saved shot when --ref_groups draws from them."""
+    describe, flag = extractor.describe(), _shots_flag(args)
+    banks = io.load_reference_banks(args.test_ref_feature_dir, classes, describe, max(shots), "cpu", flag)
+    if args.ref_groups > 1:
+        banks = io.load_reference_banks(args.test_ref_feature_dir, classes, describe, None, "cpu", flag)
+    return {c: bank.to(device) for c, bank in banks.items()}
+
+
+# --------------------------------------------------------------------------- train once, evaluate anywhere
+
+def _trained_on(args: argparse.Namespace, extractor: FeatureExtractor) -> dict:
+    """What a checkpoint's model was trained on, as plain values (checked by --eval_only)."""
+    setting = get_setting(args.setting)
+    return {"setting": args.setting, "source": setting.source, "seen_classes": list(setting.seen_classes),
+            "backbone": extractor.name, "channels": [int(c) for c in extractor.channels],
+            "layers": [int(i) for i in extractor.layers], "feature_levels": len(extractor.channels)}
+
+
+def _checked_trained_on(ckpt: dict, path: str, setting) -> dict:
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise UserError(f"--checkpoint {path}: not a checkpoint of this project; give a *_latest.pth or *_best.pth")
+    trained = ckpt.get("trained_on")
+    if trained is None:  # written before the record existed: derive it from the training arguments
+        source = get_setting(ckpt["args"]["setting"])
+        trained = {"setting": ckpt["args"]["setting"], "source": source.source,
+                   "seen_classes": list(source.seen_classes), "backbone": ckpt.get("backbone"),
+                   "channels": list(ckpt.get("channels", [])), "feature_levels": len(ckpt.get("channels", []))}
+    held = (f"the checkpoint holds a model trained on {trained['source']} ({len(trained['seen_classes'])} seen "
+            f"classes, --setting {trained['setting']}, --backbone {trained['backbone']})")
+    if trained["source"] != setting.source or sorted(trained["seen_classes"]) != sorted(setting.seen_classes):
+        raise UserError(f"--checkpoint {path}: {held}, but --setting {setting.name} is trained on {setting.source} "
+                        f"({len(setting.seen_classes)} seen classes); pass a {trained['source']}_to_* setting "
+                        f"or a checkpoint trained on {setting.source}")
+    overlap = sorted(set(trained["seen_classes"]) & set(setting.unseen_classes)) \
+        if trained["source"] == setting.target else []
+    if overlap:
+        raise UserError(f"--checkpoint {path}: {held}; the classes {', '.join(overlap)} of --setting "
+                        f"{setting.name} were seen in training")
+    return trained
+
+
+def _check_reference_backbone(args: argparse.Namespace, classes: Sequence[str], trained: dict, path: str) -> None:
+    for class_name in classes:
+        meta_path = os.path.join(args.test_ref_feature_dir, class_name, io.REFERENCE_META)
+        if not os.path.isfile(meta_path):
+            continue
+        with open(meta_path) as f:
+            backbone = json.load(f).get("backbone")
+        if backbone and backbone != trained["backbone"]:
+            raise UserError(f"--test_ref_feature_dir {args.test_ref_feature_dir}: features of '{class_name}' were "
+                            f"extracted with --backbone {backbone}, but --checkpoint {path} holds a model trained "
+                            f"with --backbone {trained['backbone']}; re-extract them with that backbone")
+
+
+def evaluate_checkpoint(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str],
+                        extractor: Optional[FeatureExtractor] = None) -> Dict[int, pd.DataFrame]:
+    """--eval_only: evaluate the model of ``args.checkpoint`` on the unseen classes of ``args.setting``, no training.
+
+    The checkpoint must come from training on the setting's source dataset (and
+    seen classes); the backbone and the model options are the checkpoint's,
+    the inference options (--fdm_alpha, --smooth_sigma, shots, references) this
+    run's.  Result files are named by the checkpoint's epoch; no checkpoint is written.
+    """
+    if not getattr(args, "checkpoint", None):
+        raise UserError("--eval_only: give the trained model with --checkpoint FILE (a *_latest.pth or *_best.pth)")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    setting = get_setting(args.setting)
+    ckpt = io.load_checkpoint(args.checkpoint, flag="--checkpoint")
+    trained = _checked_trained_on(ckpt, args.checkpoint, setting)
+    outputs = {k: RunOutputs(io.check_writable(os.path.join(args.checkpoint_path, run_names[k])), run_names[k])
+               for k in shots}
+    test_sets = {c: test_samples(setting.target, args.test_dataset_dir, c) for c in setting.unseen_classes}
+    check_at_least(args, 1, "eval_batch_size")
+    check_at_least(args, 0, "num_workers", "num_heatmaps")
+    _check_shots(args, shots)
+    _check_reference_backbone(args, setting.unseen_classes, trained, args.checkpoint)
+    if extractor is None:
+        layers = trained.get("layers") or ckpt.get("layers")
+        chosen = {}
+        if layers:  # the checkpoint's levels: ViT blocks, or the first N stages of a CNN
+            chosen = dict(blocks=layers) if is_vit(trained["backbone"]) else dict(levels=len(layers))
+        extractor = build_extractor(trained["backbone"], args.backbone_weights, device=device, **chosen)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    if extractor.name != trained["backbone"] or list(extractor.channels) != list(trained["channels"]):
+        raise UserError(f"--checkpoint {args.checkpoint}: holds a model trained with --backbone {trained['backbone']} "
+                        f"(channels {trained['channels']}), this run uses {extractor.name}; pass that --backbone")
+    banks = _load_banks(args, setting.unseen_classes, extractor, shots, device)
+    saved = argparse.Namespace(**{**vars(args), **{key: ckpt["args"][key] for key in MODEL_OPTIONS
+                                                   if key in ckpt["args"]}})
+    model = build_model(saved, extractor.channels).to(device)
+    model.load_state_dict(ckpt["model"])
+    epoch = int(ckpt.get("epoch", 0))
+    print(f"{args.setting}: evaluating {args.checkpoint} (trained on {trained['source']}, --setting "
+          f"{trained['setting']}, epoch {epoch}) on {len(setting.unseen_classes)} unseen classes of "
+          f"{setting.target}, backbone {extractor.name}, device {device}")
+    results = evaluate(model, extractor, test_sets, banks, shots, args, device, num_heatmaps=args.num_heatmaps)
+    tables = {}
+    for k in shots:
+        tables[k] = write_evaluation(outputs[k], epoch, results[k], heatmaps=True)
+        print(summary_line(f"{outputs[k].name} (checkpoint epoch {epoch})", tables[k]))
+        print(f"results of {outputs[k].name} in {outputs[k].folder}: {outputs[k].name}_epoch{epoch}_metrics.csv/.json")
+    return tables

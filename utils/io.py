@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -148,13 +148,13 @@ def check_reference_dirs(ref_dir: str, class_names: Sequence[str], flag: str = "
                             f"(expected {class_dir}/layer1.npy); run extract_ref_features.py for this dataset")
 
 
-def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: int,
-                        flag: str = "--test_ref_feature_dir") -> ReferenceBank:
+def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: Optional[int],
+                        flag: str = "--test_ref_feature_dir", shots_flag: str = "--num_ref_shot") -> ReferenceBank:
     """Load the reference bank of one class and check it against the extractor in use.
 
     ``extractor`` is :meth:`models.extractor.FeatureExtractor.describe`.  The
     number of shots is derived from the rows of each level and the feature map
-    size; ``num_shots`` of them are kept (the first ones).
+    size; ``num_shots`` of them are kept (the first ones), all of them when None.
     """
     check_reference_dirs(ref_dir, [class_name], flag)
     class_dir = os.path.join(ref_dir, class_name)
@@ -191,13 +191,16 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
         if shots is not None and level_shots != shots:
             raise UserError(f"{flag}: the layer files of {class_dir} disagree on the number of shots; re-extract them")
         shots = level_shots
-        if num_shots > shots:
-            raise UserError(f"--num_ref_shot {num_shots}: {class_dir} holds only {shots} shots; "
-                            f"lower --num_ref_shot or extract features from more reference images")
-        levels.append(torch.from_numpy(np.array(rows[: num_shots * h * w], dtype=np.float32)))
-    return ReferenceBank(levels, num_shots)
+        keep = shots if num_shots is None else num_shots
+        if keep > shots:
+            raise UserError(f"{shots_flag} {keep}: {class_dir} holds only {shots} shots; "
+                            f"lower {shots_flag} or extract features from more reference images")
+        levels.append(torch.from_numpy(np.array(rows[: keep * h * w], dtype=np.float32)))
+    return ReferenceBank(levels, keep)
 
 
-def load_reference_banks(ref_dir: str, class_names: Sequence[str], extractor: dict, num_shots: int,
-                         device: torch.device | str) -> Dict[str, ReferenceBank]:
-    return {c: load_reference_bank(ref_dir, c, extractor, num_shots).to(device) for c in class_names}
+def load_reference_banks(ref_dir: str, class_names: Sequence[str], extractor: dict, num_shots: Optional[int],
+                         device: torch.device | str, shots_flag: str = "--num_ref_shot") -> Dict[str, ReferenceBank]:
+    """Banks of ``class_names`` with their first ``num_shots`` shots (all when None), checked before any is moved."""
+    banks = {c: load_reference_bank(ref_dir, c, extractor, num_shots, shots_flag=shots_flag) for c in class_names}
+    return {c: bank.to(device) for c, bank in banks.items()}

@@ -63,6 +63,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="stop after this many consecutive non-finite losses")
     run.add_argument("--num_heatmaps", type=int, default=4, help="heat-map images per class after the last epoch")
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
+    run.add_argument("--ref_groups", type=int, default=1,
+                     help="evaluate each k with N seeded draws of k references out of the bank "
+                          "(mean and '<metric> std' columns when N > 1)")
+    run.add_argument("--eval_only", action="store_true",
+                     help="no training: evaluate the model of --checkpoint on the setting's unseen classes")
+    run.add_argument("--checkpoint", default=None,
+                     help="with --eval_only: a *_latest.pth or *_best.pth written by a training run")
 
     model = parser.add_argument_group("model")
     add_backbone_arguments(model)

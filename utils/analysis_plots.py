@@ -1,0 +1,251 @@
+"""After-training analysis figures: metrics against the number of shots, and per-class failures.
+
+Both read the ``<run>_epoch<E>_metrics.csv`` files the training scripts write
+(``Class Name`` rows and a ``Mean`` row; ``<metric> std`` columns when
+``--ref_groups`` > 1) and draw with the Agg backend (files only, no windows).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from utils import io  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.metrics import METRIC_NAMES  # noqa: E402
+from utils.plots import _save  # noqa: E402
+
+SHOT_FOLDER = re.compile(r"^(?P<setting>.+)_(?P<k>\d+)shot$")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_metrics(metrics: Sequence[str], flag: str = "--metrics") -> List[str]:
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise UserError(f"{flag}: unknown metric(s) {', '.join(map(repr, unknown))}; choose from "
+                        f"{', '.join(map(repr, METRIC_NAMES))}")
+    return list(metrics)
+
+
+def epoch_csvs(folder: str, run: str) -> List[Tuple[int, str]]:
+    """(epoch, path) of every ``<run>_epoch<E>_metrics.csv`` in ``folder``, sorted by epoch NUMBER."""
+    pattern = re.compile(rf"^{re.escape(run)}_epoch(\d+)_metrics\.csv$")
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(name))]
+    return sorted(found)
+
+
+def read_metrics_csv(path: str, flag: str = "--csv") -> pd.DataFrame:
+    """A metrics CSV with its Mean row; UserError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: file not found; give a <run>_epoch<E>_metrics.csv written by main.py")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{flag} {path}: cannot read it as CSV ({type(err).__name__})") from None
+    if "Class Name" not in table.columns:
+        raise UserError(f"{flag} {path}: no 'Class Name' column; give a metrics CSV written by main.py")
+    table["Class Name"] = table["Class Name"].astype(str)
+    return table
+
+
+# --------------------------------------------------------------------------- metrics against shots
+
+def discover_runs(checkpoint_dir: str) -> dict:
+    """{setting: [k, ...]} of the ``<setting>_<k>shot`` folders under ``checkpoint_dir``."""
+    runs: dict = {}
+    for name in sorted(os.listdir(checkpoint_dir)):
+        match = SHOT_FOLDER.match(name)
+        if match and os.path.isdir(os.path.join(checkpoint_dir, name)):
+            runs.setdefault(match["setting"], []).append(int(match["k"]))
+    return {s: sorted(ks) for s, ks in runs.items()}
+
+
+def shot_sensitivity_table(checkpoint_dir: str, settings: Optional[Sequence[str]], shots: Optional[Sequence[int]],
+                           metrics: Sequence[str], epoch: Optional[int] = None) -> pd.DataFrame:
+    """Mean-row values (and std when present) per setting, shots and metric, from the latest (or given) epoch.
+
+    A missing shot folder or CSV is a warning naming it; nothing left is a UserError.
+    """
+    metrics = check_metrics(metrics)
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"--checkpoint_dir {checkpoint_dir}: folder not found")
+    found = discover_runs(checkpoint_dir)
+    if not settings:
+        settings = list(found)
+        if not settings:
+            raise UserError(f"--checkpoint_dir {checkpoint_dir}: no <setting>_<k>shot folders; "
+                            "run main_extended_multi_shot.py first or point to its --checkpoint_path")
+    rows = []
+    for setting in settings:
+        for k in (shots or found.get(setting, [])):
+            run = f"{setting}_{k}shot"
+            folder = os.path.join(checkpoint_dir, run)
+            if not os.path.isdir(folder):
+                warn(f"{folder} not found: {setting} at {k} shots is left out")
+                continue
+            csvs = dict(epoch_csvs(folder, run))
+            if not csvs:
+                warn(f"no {run}_epoch<E>_metrics.csv in {folder}: {setting} at {k} shots is left out")
+                continue
+            chosen = max(csvs) if epoch is None else epoch
+            if chosen not in csvs:
+                warn(f"{os.path.join(folder, f'{run}_epoch{chosen}_metrics.csv')} not found (epochs there: "
+                     f"{', '.join(map(str, sorted(csvs)))}): {setting} at {k} shots is left out")
+                continue
+            table = read_metrics_csv(csvs[chosen], "--checkpoint_dir")
+            mean = table[table["Class Name"] == "Mean"]
+            if mean.empty:
+                warn(f"{csvs[chosen]} has no Mean row: left out")
+                continue
+            for metric in metrics:
+                if metric not in table.columns:
+                    warn(f"{csvs[chosen]} has no '{metric}' column: left out")
+                    continue
+                std_col = f"{metric} std"
+                rows.append({"setting": setting, "shots": int(k), "metric": metric,
+                             "value": float(mean[metric].iloc[0]),
+                             "std": float(mean[std_col].iloc[0]) if std_col in table.columns else np.nan,
+                             "epoch": chosen, "csv": csvs[chosen]})
+    frame = pd.DataFrame(rows, columns=["setting", "shots", "metric", "value", "std", "epoch", "csv"])
+    if frame.empty or not np.isfinite(frame["value"]).any():
+        raise UserError(f"--checkpoint_dir {checkpoint_dir}: nothing to plot for --setting "
+                        f"{' '.join(settings)}; check the setting names, --shots and --epoch")
+    return frame.sort_values(["setting", "metric", "shots"], kind="stable").reset_index(drop=True)
+
+
+def fitted_limits(low: float, high: float, ceiling: Optional[float] = 1.0, margin: float = 0.08) -> Tuple[float, float]:
+    """Axis limits around [low, high] with a margin; never above ``ceiling`` + margin, never below 0."""
+    span = max(high - low, 0.02)
+    lo, hi = low - margin * span - 0.005, high + margin * span + 0.005
+    if ceiling is not None:
+        hi = min(hi, ceiling + margin * span + 0.005)
+    return max(lo, 0.0), hi
+
+
+def plot_shot_sensitivity(frame: pd.DataFrame, out: str, title: Optional[str] = None) -> str:
+    """One line per setting and metric, error bars from the std column; writes ``out`` and ``<out>.csv``."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(frame["setting"]))}
+    styles = {m: ("-", "--", ":", "-.")[i % 4] for i, m in enumerate(dict.fromkeys(frame["metric"]))}
+    markers = {m: "osD^v"[i % 5] for i, m in enumerate(styles)}
+    for (setting, metric), part in frame.groupby(["setting", "metric"], sort=False):
+        part = part[np.isfinite(part["value"])]
+        std = part["std"].to_numpy(dtype=float)
+        ax.errorbar(part["shots"], part["value"], yerr=np.where(np.isfinite(std), std, 0) if np.isfinite(std).any()
+                    else None, color=colors[setting], linestyle=styles[metric], marker=markers[metric], capsize=3,
+                    label=f"{setting}: {metric}")
+    std = frame["std"].fillna(0).to_numpy(dtype=float)
+    values = frame["value"].to_numpy(dtype=float)
+    ok = np.isfinite(values)
+    ax.set_ylim(*fitted_limits(float(np.min(values[ok] - std[ok])), float(np.max(values[ok] + std[ok]))))
+    shots = sorted(frame["shots"].unique())
+    ax.set_xticks(shots)
+    ax.set_xlabel("reference shots per class (k)")
+    ax.set_ylabel("mean over unseen classes")
+    epochs = sorted(frame["epoch"].unique())
+    ax.set_title(title or f"metrics against shots (epoch {', '.join(map(str, epochs))})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, out)
+    table_path = os.path.splitext(out)[0] + ".csv"
+    io.save_csv(table_path, frame)
+    return table_path
+
+
+# --------------------------------------------------------------------------- per-class failures
+
+def _class_rows(table: pd.DataFrame, metric: str, flag: str) -> Tuple[pd.DataFrame, float]:
+    if metric not in table.columns:
+        raise UserError(f"{flag}: no '{metric}' column (columns: {', '.join(table.columns[1:])}); choose --metric")
+    classes = table[table["Class Name"] != "Mean"][["Class Name", metric]].copy()
+    classes[metric] = pd.to_numeric(classes[metric], errors="coerce")
+    mean_rows = table[table["Class Name"] == "Mean"]
+    mean = float(mean_rows[metric].iloc[0]) if not mean_rows.empty else float(np.nanmean(classes[metric]))
+    return classes, mean
+
+
+def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, title: Optional[str] = None,
+                   compare: Optional[pd.DataFrame] = None, labels: Sequence[str] = ("run 1", "run 2")) -> pd.DataFrame:
+    """Horizontal bars per class, best at the top; the ``top_k`` worst in red, the Mean as a dashed line.
+
+    With ``compare``, the two runs side by side and a second panel with the
+    per-class difference (``compare`` - ``table``).  Returns the plotted numbers.
+    """
+    classes, mean = _class_rows(table, metric, "--csv")
+    classes = classes[np.isfinite(classes[metric])]
+    if classes.empty:
+        raise UserError(f"--csv: no class has a finite '{metric}'; nothing to plot")
+    classes = classes.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
+    worst = set(classes["Class Name"].iloc[len(classes) - min(top_k, len(classes)):]) if top_k > 0 else set()
+    names = classes["Class Name"].tolist()
+    values = classes[metric].to_numpy(dtype=float)
+    y = np.arange(len(names))[::-1]  # best at the top
+    height = max(2.8, 0.38 * len(names) + 1.4)
+    if compare is None:
+        fig, ax = plt.subplots(figsize=(7.0, height))
+        colors = ["tab:red" if n in worst else "tab:blue" for n in names]
+        bars = ax.barh(y, values, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)
+        ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"Mean {mean:.3f}")
+        low, high = min(values.min(), mean), max(values.max(), mean)
+        result = classes.assign(worst=[n in worst for n in names])
+    else:
+        other, other_mean = _class_rows(compare, metric, "--compare")
+        other = other.set_index("Class Name")[metric]
+        missing = [n for n in names if n not in other.index]
+        if missing:
+            warn(f"--compare: no row for {', '.join(missing)}; drawn for the first run only")
+        second = np.array([other.get(n, np.nan) for n in names], dtype=float)
+        fig, (ax, diff_ax) = plt.subplots(1, 2, figsize=(11.0, height), sharey=True,
+                                          gridspec_kw={"width_ratios": [2.2, 1]})
+        h = 0.4
+        first_bars = ax.barh(y + h / 2, values, height=h, color="tab:blue", label=labels[0])
+        second_bars = ax.barh(y - h / 2, np.nan_to_num(second, nan=0.0), height=h, color="tab:orange", label=labels[1])
+        ax.bar_label(first_bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=7)
+        ax.bar_label(second_bars, labels=["" if not np.isfinite(v) else f"{v:.3f}" for v in second], padding=2,
+                     fontsize=7)
+        ax.axvline(mean, color="tab:blue", linestyle="--", linewidth=1, label=f"{labels[0]} Mean {mean:.3f}")
+        ax.axvline(other_mean, color="tab:orange", linestyle="--", linewidth=1,
+                   label=f"{labels[1]} Mean {other_mean:.3f}")
+        finite = second[np.isfinite(second)]
+        low = min(values.min(), mean, other_mean, *(finite.tolist() or [values.min()]))
+        high = max(values.max(), mean, other_mean, *(finite.tolist() or [values.max()]))
+        delta = second - values
+        diff_bars = diff_ax.barh(y, np.nan_to_num(delta, nan=0.0),
+                                 color=["tab:green" if d >= 0 else "tab:red" for d in np.nan_to_num(delta)])
+        diff_ax.bar_label(diff_bars, labels=["n/a" if not np.isfinite(d) else f"{d:+.3f}" for d in delta],
+                          padding=2, fontsize=7)
+        diff_ax.axvline(0, color="black", linewidth=0.8)
+        reach = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.01
+        diff_ax.set_xlim(-1.35 * reach - 1e-3, 1.35 * reach + 1e-3)
+        diff_ax.set_xlabel(f"{metric}: {labels[1]} - {labels[0]}")
+        diff_ax.grid(axis="x", alpha=0.3)
+        result = classes.assign(**{f"{metric} ({labels[1]})": second, "difference": delta,
+                                   "worst": [n in worst for n in names]})
+    left, right = fitted_limits(low, high, ceiling=None, margin=0.15)
+    ax.set_xlim(left, right + 0.12 * (right - left))  # room for the value labels
+    ax.set_yticks(y, names)
+    for tick, name in zip(ax.get_yticklabels(), names):
+        if name in worst:
+            tick.set_color("tab:red")
+    ax.set_xlabel(metric)
+    ax.grid(axis="x", alpha=0.3)
+    if compare is None:
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.set_title(title or f"{metric} per class (worst {min(top_k, len(names))} in red)")
+    _save(fig, out)
+    return result
