@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.extractor import build_extractor_from_args
+from models.extractor import build_extractor_from_args, check_weights_path
 from utils import io
 from utils.references import extract_reference_features, reference_files
 from utils.runtime import resolve_device
@@ -40,6 +40,7 @@ def main(argv=None) -> None:
     tune_cpu_allocator()
     device = resolve_device(args.device)
     # Every path first: a typo must not cost a backbone download.
+    check_weights_path(args.backbone, args.backbone_weights)
     reference_files(args.dataset, args.few_shot_dir, args.shots, args.classes, args.batch_size)
     io.check_writable(args.save_dir, "--save_dir")
     extractor = build_extractor_from_args(args, device)

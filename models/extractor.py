@@ -192,6 +192,19 @@ def _efficientnet_lite0_state_dict(model: nn.Module) -> dict:
     return {key: mapped[key] for key in model.state_dict()}
 
 
+def check_weights_path(name: str, weights: Optional[str]) -> None:
+    """UserError when the weights file that building ``name`` needs is missing (cheap: scripts call
+    it with the other path checks, before anything is built or downloaded)."""
+    if _base_name(name) == IMAGEBIND_BACKBONE:
+        from models.imagebind import IMAGEBIND_WEIGHTS, _not_found
+
+        path = weights or IMAGEBIND_WEIGHTS
+        if not os.path.isfile(path):
+            raise _not_found(path, "--backbone_weights")
+    else:
+        _check_weights_file(weights)
+
+
 def _check_weights_file(weights: Optional[str]) -> None:
     if weights is not None and not os.path.isfile(weights):
         raise UserError(f"--backbone_weights {weights}: file not found; give the path of a saved state_dict")

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from datasets import Sample, get_setting, test_samples, training_samples
-from models.extractor import FeatureExtractor, build_extractor, build_extractor_from_args, is_vit
+from models.extractor import (FeatureExtractor, build_extractor, build_extractor_from_args, check_weights_path,
+                              is_vit)
 from models.resad import ResAD
 from utils import io
 from utils.errors import UserError
@@ -117,6 +118,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")
 
+    if extractor is None:
+        check_weights_path(args.backbone, args.backbone_weights)
     io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
         extractor = build_extractor_from_args(args, device)
