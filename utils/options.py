@@ -45,6 +45,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="stop after this many consecutive non-finite losses")
     run.add_argument("--num_heatmaps", type=int, default=4, help="heat-map images per class after the last epoch")
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="also write the training curves to DIR/<run> for TensorBoard (needs the tensorboard package)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=DEFAULT_BACKBONE, help="any timm CNN (features_only)")
