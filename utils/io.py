@@ -12,9 +12,11 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
@@ -123,12 +125,31 @@ def _refused_globals(path: str, err: Exception) -> List[str]:
     """The Python objects (module.name) that made a weights-only load refuse ``path``."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a zip checkpoint: read them from torch's message
-        return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    except Exception:  # not a zip checkpoint: read them statically; torch's message names the first one
+        found = _bare_pickle_globals(path) + re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        return list(dict.fromkeys(found))
+
+
+def _bare_pickle_globals(path: str) -> List[str]:
+    """The module.name of the objects the pickles in a file would import, read without running them."""
+    names, strings = [], []
+    with open(path, "rb") as f:
+        while True:  # a file may hold several pickles (torch's legacy format), then raw data
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        names.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # not (or no longer) a pickle
+                return names
 
 
 def _refusal(flag: str, path: str, names: Sequence[str], what: str) -> UserError:
-    shown = ", ".join(list(names)[:3]) + (", ..." if len(names) > 3 else "")
+    names = sorted(set(names), key=lambda n: (n in _LEGACY_NUMPY_GLOBALS, n))  # the dangerous ones first
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return UserError(f"{flag} {path}: refused to open: besides tensors and plain values it holds Python objects "
                      f"({shown}) whose loading could run code; it was not loaded - use {what}")
 
@@ -136,24 +157,23 @@ def _refusal(flag: str, path: str, names: Sequence[str], what: str) -> UserError
 def _load_weights_only(path: str, flag: str, what: str):
     """``torch.load(path, weights_only=True)``; one-line UserErrors for refused or unreadable files."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it will refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         names = _refused_globals(path, err)
         if names and set(names) <= _LEGACY_NUMPY_GLOBALS:
-            return _load_legacy_numpy(path)
+            try:
+                return _load_legacy_numpy(path)
+            except pickle.UnpicklingError as again:  # something else behind the NumPy arrays
+                names = names + re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(again))
         if names:
             raise _refusal(flag, path, names, what) from None
-        raise UserError(f"{flag} {path}: cannot read it ({_first_line(err)}); the file is damaged or not "
+        raise UserError(f"{flag} {path}: cannot read it (UnpicklingError); the file is damaged or not "
                         f"{what}") from None
     except Exception as err:  # truncated zip, not a torch file, ...
         raise UserError(f"{flag} {path}: cannot read it ({type(err).__name__}); the file is damaged or not "
                         f"{what}") from None
-
-
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = next((line for line in lines if "error" in line.lower() and ":" in line), lines[0] if lines else "")
-    return detail[:120] or type(err).__name__
 
 
 def _load_legacy_numpy(path: str):
