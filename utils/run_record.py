@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -25,7 +26,8 @@ from datasets import Sample
 from utils import io
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("torch", "torchvision", "timm", "FrEIA", "numpy", "scikit-learn")
+PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "FrEIA": "FrEIA", "numpy": "numpy",
+            "scikit-learn": "sklearn"}  # distribution -> module
 PLAIN = (str, int, float, bool, type(None))
 
 
@@ -57,11 +59,12 @@ def git_state(folder: str = REPO_ROOT) -> dict:
 
 
 def package_versions() -> Dict[str, Optional[str]]:
+    """Python and package versions; the module's own ``__version__`` first (it names the CUDA build of torch)."""
     versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name, module in PACKAGES.items():
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
+            versions[name] = str(getattr(importlib.import_module(module), "__version__", None) or metadata.version(name))
+        except (ImportError, metadata.PackageNotFoundError):
             versions[name] = None
     return versions
 
