@@ -7,7 +7,8 @@ r"""Train ResAD on the seen classes of a setting and evaluate it on the unseen c
     python main.py --demo     # offline: synthetic data, EfficientNet-Lite0, a few minutes on a CPU
 
 Results go to <checkpoint_path>/<setting>/: <setting>_epoch<E>_metrics.csv/.json,
-<setting>_epoch<E>_pixel_auroc.png, <setting>_latest.pth, <setting>_best.pth and heatmaps/.
+<setting>_epoch<E>_pixel_auroc.png, <setting>_latest.pth, <setting>_best.pth, heatmaps/,
+<setting>_run.json (how the run was made) and <setting>_history.csv/.png (training curves).
 """
 from __future__ import annotations
 

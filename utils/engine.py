@@ -20,9 +20,8 @@ import torch
 from datasets import Sample, get_setting, test_samples, training_samples
 from models.extractor import FeatureExtractor, build_extractor
 from models.resad import ResAD
-from utils import io
+from utils import io, run_record
 from utils.errors import UserError
-from utils import run_record
 from utils.evaluation import RunOutputs, evaluate, summary_line, write_evaluation
 from utils.history import TrainingHistory, check_tensorboard
 from utils.runtime import resolve_device
