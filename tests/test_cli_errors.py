@@ -239,8 +239,10 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
     proc.wait()
     killed_after = torch.load(latest, weights_only=True)["epoch"]
     assert killed_after < 3
-    for path in (killed / "demo").glob("*.csv"):  # every result present is complete
+    for path in (killed / "demo").glob("*_metrics.csv"):  # every result present is complete
         assert len(pd.read_csv(path)) == len(DEMO_UNSEEN) + 1
+    rows = pd.read_csv(killed / "demo" / "demo_history.csv")["epoch"].tolist()  # up to one row past the checkpoint
+    assert rows[:killed_after] == list(range(1, killed_after + 1)) and len(rows) <= killed_after + 1
     for path in (killed / "demo").glob("*.json"):
         json.loads(path.read_text())
     resumed = run("main.py", *main_args(demo, killed, **settings, **{"--resume": None}), "--resume")
