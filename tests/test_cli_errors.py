@@ -18,9 +18,20 @@ import torch
 
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
+from utils.metrics import METRIC_NAMES
 from utils.references import extract_reference_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Payload:
+    """Pickled as ``open(marker, "w")``: unpickling it unsafely would create the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +203,19 @@ def finished_run(demo):
 
 def test_resume_rejects_foreign_or_broken_checkpoints(demo, finished_run, tmp_path):
     out = tmp_path / "out"
-    ckpt = torch.load(finished_run / "demo" / "demo_latest.pth", weights_only=False)
+    ckpt = torch.load(finished_run / "demo" / "demo_latest.pth", weights_only=True)
     for change, fragment in [({"args": dict(ckpt["args"], setting="mvtec_to_visa")}, "--setting mvtec_to_visa"),
                              ({"backbone": "wide_resnet50_2", "channels": [256, 512, 1024]},
                               "--backbone wide_resnet50_2")]:
         path = tmp_path / "foreign.pth"
         torch.save(dict(ckpt, **change), path)
         assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": path})), str(path), fragment, out=out)
+    marker = tmp_path / "payload_ran"
+    crafted = tmp_path / "crafted.pth"
+    torch.save(dict(ckpt, rng=Payload(marker)), crafted)
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": crafted})), str(crafted), "refused",
+                      out=out)
+    assert not marker.exists()  # the payload never ran
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"garbage")
     assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": junk})), "cannot read", out=out)
@@ -220,9 +237,12 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # during epoch 2 at the latest: no chance to clean up
     proc.wait()
-    assert torch.load(latest, weights_only=False)["epoch"] < 3
-    for path in (killed / "demo").glob("*.csv"):  # every result present is complete
+    killed_after = torch.load(latest, weights_only=True)["epoch"]
+    assert killed_after < 3
+    for path in (killed / "demo").glob("*_metrics.csv"):  # every result present is complete
         assert len(pd.read_csv(path)) == len(DEMO_UNSEEN) + 1
+    rows = pd.read_csv(killed / "demo" / "demo_history.csv")["epoch"].tolist()  # up to one row past the checkpoint
+    assert rows[:killed_after] == list(range(1, killed_after + 1)) and len(rows) <= killed_after + 1
     for path in (killed / "demo").glob("*.json"):
         json.loads(path.read_text())
     resumed = run("main.py", *main_args(demo, killed, **settings, **{"--resume": None}), "--resume")
@@ -232,12 +252,20 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
 
     final = "demo/demo_epoch3_metrics.csv"
     assert (straight / final).read_text() == (killed / final).read_text()
-    a = torch.load(straight / "demo" / "demo_latest.pth", weights_only=False)
-    b = torch.load(killed / "demo" / "demo_latest.pth", weights_only=False)
+    a = torch.load(straight / "demo" / "demo_latest.pth", weights_only=True)
+    b = torch.load(killed / "demo" / "demo_latest.pth", weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["trainer"]["boundaries"] == b["trainer"]["boundaries"]
     assert json.loads((killed / "demo" / "demo_epoch3_metrics.json").read_text())["epoch"] == 3
+    # the history holds every epoch once, as in the uninterrupted run; the record notes the resume
+    a, b = (pd.read_csv(folder / "demo" / "demo_history.csv") for folder in (straight, killed))
+    assert b["epoch"].tolist() == [1, 2, 3]
+    same = ["stage", "vq_loss", "occ_loss", "flow_loss", "lr", "skipped_steps", *METRIC_NAMES]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    record = json.loads((killed / "demo" / "demo_run.json").read_text())
+    assert [r["after_epoch"] for r in record["resumes"]] == [killed_after]
+    assert record["resumes"][0]["checkpoint"] == str(latest) and record["args"]["resume"] is None
 
 
 def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
@@ -253,4 +281,4 @@ def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and "--resume" in stderr
-    assert torch.load(latest, weights_only=False)["epoch"] >= 1
+    assert torch.load(latest, weights_only=True)["epoch"] >= 1

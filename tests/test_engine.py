@@ -1,22 +1,34 @@
 """Training steps and the whole run (extract -> train -> evaluate -> files) on generated data."""
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
+import re
+import subprocess
+from importlib import metadata
 
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
+import timm
 import torch
+import torchvision
+from matplotlib.image import imread
 
-from datasets import DEMO_UNSEEN, generate_demo_dataset
+from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.resad import ResAD
 from utils.engine import fit
 from utils.evaluation import CSV_COLUMNS
 from utils.references import extract_reference_features
 from utils.training import FLOW_MINIBATCH, Trainer
+from utils.metrics import METRIC_NAMES
 from utils.options import add_training_arguments
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_args(**overrides) -> argparse.Namespace:
@@ -76,7 +88,8 @@ def demo_args(demo_root, demo_refs, out, **overrides):
 
 
 def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_path, capsys):
-    tables = fit(demo_args(demo_root, demo_refs, tmp_path), shots=[2], run_names={2: "demo"})
+    args = demo_args(demo_root, demo_refs, tmp_path)
+    tables = fit(args, shots=[2], run_names={2: "demo"})
     run = tmp_path / "demo"
     for epoch in (1, 2):
         frame = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv")
@@ -92,17 +105,72 @@ def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_pa
     heatmaps = sorted(os.listdir(run / "heatmaps"))
     assert len(heatmaps) == 2 * len(DEMO_UNSEEN) and all(h.endswith(".png") for h in heatmaps)
 
-    latest = torch.load(run / "demo_latest.pth", weights_only=False)
+    latest = torch.load(run / "demo_latest.pth", weights_only=True)
     assert latest["epoch"] == 2 and latest["backbone"] == OFFLINE_BACKBONE and latest["args"]["setting"] == "demo"
     assert set(latest["trainer"]["optimizers"]) == {"vq", "constraintor", "flow"}
     assert set(latest["trainer"]["schedulers"]) == {"vq", "constraintor", "flow"}
     assert len(latest["trainer"]["boundaries"]["values"]) == 3 and "rng" in latest and "generator" in latest
     model = ResAD([24, 40, 112], num_embeddings=64, coupling_layers=2)
     model.load_state_dict(latest["model"])  # a complete, loadable model
-    best = torch.load(run / "demo_best.pth", weights_only=False)
+    best = torch.load(run / "demo_best.pth", weights_only=True)
     assert best["best"][2]["metric"] == "Image AUC" and best["best"][2]["epoch"] in (1, 2)
     out = capsys.readouterr().out
     assert "demo epoch 2: image AUROC" in out and "AUPRO" in out
+    _check_history(run, out, latest)
+    _check_run_record(run, args, demo_root, demo_refs)
+
+
+def _check_history(run, printed, latest):
+    history = pd.read_csv(run / "demo_history.csv")
+    assert history["epoch"].tolist() == [1, 2] and history["stage"].tolist() == [1, 2]
+    for epoch in (1, 2):
+        row = history.iloc[epoch - 1]
+        mean = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv").iloc[-1]
+        for metric in METRIC_NAMES:  # the Mean row of the evaluation after the epoch
+            assert row[metric] == pytest.approx(mean[metric], abs=1e-5)
+        line = re.search(rf"epoch {epoch}/2 \(stage {epoch}\): vq loss (\S+) \| occ loss (\S+) \| flow loss (\S+)",
+                         printed)
+        for column, value in zip(("vq_loss", "occ_loss", "flow_loss"), line.groups()):
+            assert row[column] == pytest.approx(float(value), rel=1e-4, abs=1e-4)
+        assert row["lr"] == 1e-4 and row["seconds"] > 0 and row["eval_seconds"] > 0
+    assert history["skipped_steps"].sum() == latest["trainer"]["skipped_steps"]
+    image = imread(run / "demo_history.png")
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0.01
+
+
+def _check_run_record(run, args, demo_root, demo_refs):
+    record = json.loads((run / "demo_run.json").read_text())
+    assert record["args"] == vars(args) and record["seed"] == args.seed and record["num_ref_shot"] == 2
+    assert record["resumes"] == []
+    created = record["created"]
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "torchvision": torchvision.__version__, "timm": timm.__version__, "scikit-learn": sklearn.__version__,
+                "FrEIA": metadata.version("FrEIA")}  # FrEIA has no __version__
+    assert created["versions"] == versions and created["device"]["device"] == "cpu"
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert created["git"]["commit"] == head.stdout.strip() and isinstance(created["git"]["dirty"], bool)
+    def count(cls, split, anomalous):  # image counts, straight from the folders
+        folder = os.path.join(demo_root, cls, split)
+        return sum(len(os.listdir(os.path.join(folder, kind))) for kind in os.listdir(folder)
+                   if (kind != "good") == anomalous)
+
+    train, test = record["datasets"]["train"], record["datasets"]["test"]
+    assert train["root"] == os.path.abspath(demo_root) and set(train["stage1"]) == set(DEMO_SEEN)
+    for cls in DEMO_SEEN:
+        assert train["stage1"][cls] == {"normal": count(cls, "train", False), "anomalous": 0}
+        assert train["stage2"][cls] == {"normal": count(cls, "train", False) + count(cls, "test", False),
+                                        "anomalous": count(cls, "test", True)}
+    assert test["test"] == {cls: {"normal": count(cls, "test", False), "anomalous": count(cls, "test", True)}
+                            for cls in DEMO_UNSEEN}
+    references = record["reference_features"]
+    assert references["dir"] == os.path.abspath(demo_refs) and references["shots_used"] == 2
+    for cls in DEMO_UNSEEN:
+        meta = references["classes"][cls]
+        assert meta == json.loads(open(os.path.join(demo_refs, cls, "meta.json")).read())
+        assert meta["backbone"] == OFFLINE_BACKBONE and meta["num_shots"] == 2 and len(meta["images"]) == 2
+        for name, digest in meta["sha256"].items():
+            assert digest == hashlib.sha256(open(os.path.join(demo_refs, cls, name), "rb").read()).hexdigest()
 
 
 def _inject_nan(monkeypatch, should_poison):
@@ -126,9 +194,10 @@ def test_nan_steps_are_skipped_and_counted(demo_root, demo_refs, tmp_path, monke
     with pytest.warns(RuntimeWarning, match="non-finite"):
         fit(demo_args(demo_root, demo_refs, tmp_path, epochs=1, num_heatmaps=0), shots=[2], run_names={2: "demo"})
     assert calls["n"] > 3
-    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=False)
+    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=True)
     poisoned_flow_steps = calls["n"] // 3
     assert latest["trainer"]["skipped_steps"] == poisoned_flow_steps
+    assert pd.read_csv(tmp_path / "demo" / "demo_history.csv")["skipped_steps"].tolist() == [poisoned_flow_steps]
     assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
 
 
@@ -151,7 +220,7 @@ def test_persistent_nan_stops_with_a_message_and_keeps_the_last_checkpoint(demo_
         with pytest.warns(RuntimeWarning):
             fit(demo_args(demo_root, demo_refs, tmp_path, epochs=3, max_bad_steps=5, num_heatmaps=0),
                 shots=[2], run_names={2: "demo"})
-    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=False)
+    latest = torch.load(tmp_path / "demo" / "demo_latest.pth", weights_only=True)
     assert latest["epoch"] == 1
     assert (tmp_path / "demo" / "demo_epoch1_metrics.csv").exists()
     assert not (tmp_path / "demo" / "demo_epoch2_metrics.csv").exists()

@@ -22,9 +22,10 @@ from datasets import Sample, get_setting, test_samples, training_samples
 from models.extractor import (FeatureExtractor, build_extractor, build_extractor_from_args, check_weights_path,
                               is_vit)
 from models.resad import ResAD
-from utils import io
+from utils import io, run_record
 from utils.errors import UserError
 from utils.evaluation import RunOutputs, evaluate, summary_line, write_evaluation
+from utils.history import TrainingHistory, check_tensorboard
 from utils.runtime import resolve_device
 from utils.seed import rng_state, seed_everything, set_rng_state
 from utils.loaders import make_loader
@@ -108,6 +109,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     if args.pos_embed_dim < 4 or args.pos_embed_dim % 4:
         raise UserError(f"--pos_embed_dim {args.pos_embed_dim}: must be a positive multiple of 4")
     _check_shots(args, shots)
+    check_tensorboard(getattr(args, "tensorboard", None))
     normals = _normals_by_class(stage_samples[1])
     fewest = min(normals.items(), key=lambda kv: len(kv[1]))
     if args.train_ref_shot > min(len(fewest[1]), args.train_ref_pool):
@@ -131,7 +133,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
-    start_epoch, best, last_tables = 0, {}, {}
+    start_epoch, best, last_tables, resumed_from = 0, {}, {}, None
 
     if args.resume:
         path = args.resume if args.resume != "auto" else outputs[shots[0]].path("_latest.pth")
@@ -145,6 +147,13 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         for out in outputs.values():
             io.remove_stale_temporaries(out.folder)
         print(f"resumed from {path} after epoch {start_epoch}")
+        resumed_from = path
+
+    # The run record and the training history (kept up to the checkpoint on resume).
+    run_record.write_run_records({k: outputs[k].path("_run.json") for k in shots},
+                                 run_record.describe_run(args, device, setting.source, setting.target,
+                                                         stage_samples, test_sets), resumed_from, start_epoch)
+    histories = {k: TrainingHistory(outputs[k], getattr(args, "tensorboard", None), start_epoch) for k in shots}
 
     pool = TrainReferencePool(extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
     loaders = {stage: make_loader(stage_samples[stage], extractor, args.batch_size, args.num_workers,
@@ -163,12 +172,13 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
             io.save_checkpoint(outputs[k].path("_latest.pth"), state)
 
     def run_evaluation(done: int) -> None:
-        final = done == args.epochs
+        final, started = done == args.epochs, time.time()
         results = evaluate(model, extractor, test_sets, banks, shots, args, device,
                            num_heatmaps=args.num_heatmaps if final else 0)
         improved = []
         for k in shots:
             last_tables[k] = write_evaluation(outputs[k], done, results[k], heatmaps=final)
+            histories[k].add_evaluation(done, last_tables[k], time.time() - started)
             print(summary_line(f"{outputs[k].name} epoch {done}", last_tables[k]))
             value = float(last_tables[k].iloc[-1][args.best_metric])
             if math.isfinite(value) and value > best.get(k, {}).get("value", -math.inf):
@@ -192,11 +202,15 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
             print(f"training reference pool: up to {args.train_ref_pool} images per seen class, "
                   f"{pool.memory_bytes() / 2 ** 20:.0f} MiB on {device}")
         stage2 = epoch >= args.stage1_epochs
+        skipped_before, lr = trainer.guard.skipped, trainer.schedulers["flow"].get_last_lr()[0]
         losses = train_one_epoch(trainer, extractor, loaders[2 if stage2 else 1], pool, stage2, generator, device,
                                  desc=f"epoch {epoch + 1}/{args.epochs}")
         for scheduler in trainer.schedulers.values():
             scheduler.step()
         done = epoch + 1
+        for k in shots:  # before the checkpoint: a resume drops the rows of epochs after it
+            histories[k].add_epoch(done, 2 if stage2 else 1, losses, lr, time.time() - started,
+                                   trainer.guard.skipped - skipped_before)
         print(f"epoch {done}/{args.epochs} (stage {2 if stage2 else 1}): "
               + " | ".join(f"{k} loss {v:.4f}" for k, v in losses.items())
               + f" [{time.time() - started:.0f} s]"
@@ -205,14 +219,16 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         if evaluation_due(done):
             run_evaluation(done)
     for k in shots:
+        histories[k].close()
         print(f"results of {outputs[k].name} in {outputs[k].folder}: "
               f"{outputs[k].name}_epoch{args.epochs}_metrics.csv/.json (the last epoch: the reported result), "
-              f"{outputs[k].name}_latest.pth, {outputs[k].name}_best.pth (by {args.best_metric}), heatmaps/")
+              f"{outputs[k].name}_latest.pth, {outputs[k].name}_best.pth (by {args.best_metric}), "
+              f"{outputs[k].name}_run.json, {outputs[k].name}_history.csv/.png, heatmaps/")
     return last_tables
 
 
 def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "backbone": extractor.name,
+    return {"format": CHECKPOINT_FORMAT, "args": run_record.plain_args(args), "backbone": extractor.name,
             "channels": extractor.channels, "layers": extractor.layers, "epoch": epoch, "model": model.state_dict(),
             "trainer": trainer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
             "best": dict(best), "trained_on": _trained_on(args, extractor)}

@@ -7,11 +7,16 @@ CSV, JSON, checkpoint or feature file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import pickle
+import pickletools
+import re
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -93,19 +98,134 @@ def save_csv(path: str, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False, float_format="%.5f")
 
 
+# --------------------------------------------------------------------------- checkpoints and weights
+#
+# Every checkpoint and weights file is opened with torch.load(weights_only=True):
+# only tensors and plain values (dicts, lists, tuples, strings, numbers, booleans)
+# are rebuilt, so a crafted file cannot run code when it is opened.
+
+# The only non-plain objects that checkpoints of earlier versions of this project
+# hold: the NumPy random state (a uint32 array).  They are rebuilt (nothing else is
+# allowed) and converted to plain values on load.
+_LEGACY_NUMPY_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+                         "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
+
+
 def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` atomically; it must hold only tensors and plain values (checked)."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:  # a programming error: the file could not be opened weights-only
+            raise TypeError(f"checkpoint state for {path} holds objects that are not tensors or plain values: "
+                            f"{', '.join(unsafe)}")
+
+
+def _refused_globals(path: str, err: Exception) -> List[str]:
+    """The Python objects (module.name) that made a weights-only load refuse ``path``."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: read them statically; torch's message names the first one
+        found = _bare_pickle_globals(path) + re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        return list(dict.fromkeys(found))
+
+
+def _bare_pickle_globals(path: str) -> List[str]:
+    """The module.name of the objects the pickles in a file would import, read without running them."""
+    names, strings = [], []
+    with open(path, "rb") as f:
+        while True:  # a file may hold several pickles (torch's legacy format), then raw data
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        names.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # not (or no longer) a pickle
+                return names
+
+
+def _refusal(flag: str, path: str, names: Sequence[str], what: str) -> UserError:
+    names = sorted(set(names), key=lambda n: (n in _LEGACY_NUMPY_GLOBALS, n))  # the dangerous ones first
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return UserError(f"{flag} {path}: refused to open: besides tensors and plain values it holds Python objects "
+                     f"({shown}) whose loading could run code; it was not loaded - use {what}")
+
+
+def _load_weights_only(path: str, flag: str, what: str):
+    """``torch.load(path, weights_only=True)``; one-line UserErrors for refused or unreadable files."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it will refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = _refused_globals(path, err)
+        if names and set(names) <= _LEGACY_NUMPY_GLOBALS:
+            try:
+                return _load_legacy_numpy(path)
+            except pickle.UnpicklingError as again:  # something else behind the NumPy arrays
+                names = names + re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(again))
+        if names:
+            raise _refusal(flag, path, names, what) from None
+        raise UserError(f"{flag} {path}: cannot read it (UnpicklingError); the file is damaged or not "
+                        f"{what}") from None
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise UserError(f"{flag} {path}: cannot read it ({type(err).__name__}); the file is damaged or not "
+                        f"{what}") from None
+
+
+def _load_legacy_numpy(path: str):
+    """Load a file whose only non-plain objects are NumPy arrays (earlier checkpoints' random state)."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+               np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: str, flag: str = "--resume") -> dict:
+    """Load a checkpoint of this project weights-only; earlier checkpoints are converted to plain values."""
+    from utils.seed import numpy_state_to_plain
+
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: checkpoint not found; give a <setting>_latest.pth written by main.py")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # unpickling errors come in many types
-        raise UserError(f"{flag} {path}: cannot read the checkpoint ({type(err).__name__}); "
-                        "the file is damaged or not a checkpoint of this project") from None
+    what = "a checkpoint of this project (a <setting>_latest.pth or _best.pth written by main.py)"
+    state = _load_weights_only(path, flag, what)
+    if not isinstance(state, dict):
+        raise UserError(f"{flag} {path}: not a checkpoint of this project; give a <setting>_latest.pth")
+    rng = state.get("rng")
+    if isinstance(rng, dict) and "numpy" in rng:  # earlier versions stored NumPy's tuple with an array
+        state["rng"] = dict(rng, numpy=numpy_state_to_plain(rng["numpy"]))
+    return state
+
+
+def load_weights(path: str, flag: str = "--backbone_weights") -> Dict[str, torch.Tensor]:
+    """A state_dict from a weights file (``.pth``/``.pt``/``.bin`` weights-only, or ``.safetensors``).
+
+    A checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``)
+    is unwrapped and a DataParallel ``module.`` prefix removed.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: file not found; give the path of a saved state_dict")
+    what = "a weights file (a state_dict saved with torch.save, or .safetensors)"
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as err:
+            raise UserError(f"{flag} {path}: cannot read it ({type(err).__name__}); the file is damaged or not "
+                            f"{what}") from None
+    else:
+        state = _load_weights_only(path, flag, what)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path}: holds no state_dict (a dict of named tensors); give {what}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------- reference features
@@ -113,6 +233,9 @@ def load_checkpoint(path: str, flag: str = "--resume") -> dict:
 def save_reference_features(save_dir: str, class_name: str, features: Sequence[torch.Tensor],
                             meta: dict) -> str:
     """Write ``<save_dir>/<class>/layer{1..L}.npy`` (float32, (k*H*W, C) image-major) and ``meta.json``.
+
+    ``meta.json`` holds ``meta`` plus the class, the number of shots and the
+    SHA-256 of each layer file (checked by :func:`load_reference_bank`).
 
     ``features`` are per-level (k, C, H, W) maps of the k reference images.  The
     class folder is assembled under a temporary name and renamed into place.
@@ -122,10 +245,13 @@ def save_reference_features(save_dir: str, class_name: str, features: Sequence[t
     final = os.path.join(save_dir, class_name)
     staging = tempfile.mkdtemp(prefix=f".{class_name}.", dir=save_dir)
     try:
+        digests = {}
         for level, rows in enumerate(bank.levels, start=1):
-            np.save(os.path.join(staging, f"layer{level}.npy"), rows.cpu().numpy().astype(np.float32))
+            name = f"layer{level}.npy"
+            np.save(os.path.join(staging, name), rows.cpu().numpy().astype(np.float32))
+            digests[name] = file_sha256(os.path.join(staging, name))
         with open(os.path.join(staging, REFERENCE_META), "w") as f:
-            json.dump(dict(meta, class_name=class_name, num_shots=bank.num_shots), f, indent=2)
+            json.dump(dict(meta, class_name=class_name, num_shots=bank.num_shots, sha256=digests), f, indent=2)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -148,6 +274,27 @@ def check_reference_dirs(ref_dir: str, class_names: Sequence[str], flag: str = "
                             f"(expected {class_dir}/layer1.npy); run extract_ref_features.py for this dataset")
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_reference_meta(ref_dir: str, class_name: str, flag: str = "--test_ref_feature_dir") -> dict:
+    """The ``meta.json`` of one class of reference features ({} for the authors' files without one)."""
+    path = os.path.join(ref_dir, class_name, REFERENCE_META)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag}: cannot read {path} ({type(err).__name__}); "
+                        "re-run extract_ref_features.py for this dataset") from None
+
+
 def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: Optional[int],
                         flag: str = "--test_ref_feature_dir", shots_flag: str = "--num_ref_shot") -> ReferenceBank:
     """Load the reference bank of one class and check it against the extractor in use.
@@ -158,24 +305,25 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
     """
     check_reference_dirs(ref_dir, [class_name], flag)
     class_dir = os.path.join(ref_dir, class_name)
-    meta = {}
     meta_path = os.path.join(class_dir, REFERENCE_META)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("backbone") and meta["backbone"] != extractor["backbone"]:
-            raise UserError(f"{flag} {class_dir}: features were extracted with --backbone {meta['backbone']}, "
-                            f"this run uses {extractor['backbone']}; re-extract them or pass the same --backbone")
-        if meta.get("layers") is not None and list(meta["layers"]) != list(extractor.get("layers", meta["layers"])):
-            raise UserError(f"{flag} {class_dir}: features are of {extractor['backbone']} layers {meta['layers']}, "
-                            f"this run uses layers {extractor['layers']}; re-extract them with the same "
-                            "--feature_levels / --feature_blocks")
+    meta = read_reference_meta(ref_dir, class_name, flag)
+    if meta.get("backbone") and meta["backbone"] != extractor["backbone"]:
+        raise UserError(f"{flag} {class_dir}: features were extracted with --backbone {meta['backbone']}, "
+                        f"this run uses {extractor['backbone']}; re-extract them or pass the same --backbone")
+    if meta.get("layers") is not None and list(meta["layers"]) != list(extractor.get("layers", meta["layers"])):
+        raise UserError(f"{flag} {class_dir}: features are of {extractor['backbone']} layers {meta['layers']}, "
+                        f"this run uses layers {extractor['layers']}; re-extract them with the same "
+                        "--feature_levels / --feature_blocks")
     levels: List[torch.Tensor] = []
     shots = None
     for level, (channels, (h, w)) in enumerate(zip(extractor["channels"], extractor["feature_sizes"]), start=1):
         path = os.path.join(class_dir, f"layer{level}.npy")
         if not os.path.isfile(path):
             raise UserError(f"{flag}: missing {path}; re-run extract_ref_features.py for this dataset")
+        expected = meta.get("sha256", {}).get(os.path.basename(path))
+        if expected and file_sha256(path) != expected:
+            raise UserError(f"{flag}: {path} was changed or truncated after extraction (its SHA-256 differs "
+                            f"from {meta_path}); re-run extract_ref_features.py for this dataset")
         try:
             rows = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as err:

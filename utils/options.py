@@ -70,6 +70,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="no training: evaluate the model of --checkpoint on the setting's unseen classes")
     run.add_argument("--checkpoint", default=None,
                      help="with --eval_only: a *_latest.pth or *_best.pth written by a training run")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="also write the training curves to DIR/<run> for TensorBoard (needs the tensorboard package)")
 
     model = parser.add_argument_group("model")
     add_backbone_arguments(model)
