@@ -39,8 +39,12 @@ def axis_encoding(coords: torch.Tensor, dim: int) -> torch.Tensor:
 
 @lru_cache(maxsize=32)
 def _axis_table(n: int, dim: int, device: torch.device) -> torch.Tensor:
-    """Cached encodings of the coordinates 0..n-1 (constants, recomputed per call otherwise)."""
-    return axis_encoding(torch.arange(n, device=device), dim)
+    """Cached encodings of the coordinates 0..n-1 (constants, recomputed per call otherwise).
+
+    Built as a normal tensor even when first asked for under ``torch.inference_mode()``
+    (an evaluation), so that training can use the cached table afterwards (a resumed run)."""
+    with torch.inference_mode(False):
+        return axis_encoding(torch.arange(n, device=device), dim)
 
 
 def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:

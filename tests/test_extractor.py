@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from datasets import AnomalyDataset, Sample, list_fewshot_images
 from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor
@@ -72,8 +73,12 @@ def test_bad_backbone_inputs(tmp_path):
 
 def test_no_network_message_names_the_ways_out(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    good = tmp_path / "fewshot" / "bottle" / "train" / "good"  # valid inputs: the paths are checked first
+    good.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(good / "000.png")
     proc = subprocess.run([sys.executable, "extract_ref_features.py", "--dataset", "mvtec", "--few_shot_dir",
-                           str(tmp_path), "--save_dir", str(tmp_path / "out"), "--backbone", "wide_resnet50_2"],
+                           str(tmp_path / "fewshot"), "--classes", "bottle", "--save_dir", str(tmp_path / "out"),
+                           "--backbone", "wide_resnet50_2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
