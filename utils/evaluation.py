@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from datasets import Sample
 from models.anomaly_map import anomaly_maps
 from models.extractor import FeatureExtractor
+from models.knn_baseline import KnnAccumulator
 from models.residual import ReferenceBank
 from models.resad import ResAD
 from utils import io
@@ -27,13 +28,19 @@ CSV_COLUMNS = ("Class Name",) + METRIC_NAMES
 class ClassEvaluation:
     metrics: Dict[str, float]
     heatmaps: List[dict]   # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range
+    baseline: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images
 
 
 @torch.no_grad()
 def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
              banks: Dict[str, ReferenceBank], shots: Sequence[int], args: argparse.Namespace,
-             device: torch.device, num_heatmaps: int = 0) -> Dict[int, Dict[str, ClassEvaluation]]:
-    """Evaluate every unseen class for every number of shots (features are extracted once per batch)."""
+             device: torch.device, num_heatmaps: int = 0,
+             baseline: Optional[dict] = None) -> Dict[int, Dict[str, ClassEvaluation]]:
+    """Evaluate every unseen class for every number of shots (features are extracted once per batch).
+
+    With ``baseline`` (a dict, kept by the caller across evaluations) the kNN
+    baseline's metrics are computed once per (shots, class) and attached to the results.
+    """
     model.eval()
     results: Dict[int, Dict[str, ClassEvaluation]] = {k: {} for k in shots}
     for class_name, samples in test_sets.items():
@@ -42,10 +49,13 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
         per_shot = {k: ([[] for _ in model.channels], [[] for _ in model.channels]) for k in shots}
         labels, masks, kept = [], [], {}
         bank_views = {k: banks[class_name].take(k) for k in shots}
+        knn = KnnAccumulator([k for k in shots if (k, class_name) not in baseline]) if baseline is not None else None
         offset = 0
         for batch in tqdm(loader, desc=f"eval {class_name}", leave=False, dynamic_ncols=True):
             images = batch["image"]
             features = extractor(images.to(device, non_blocking=True))
+            if knn is not None:
+                knn.add(features, {k: bank_views[k] for k in knn.levels})
             for k in shots:
                 logps, probs = model(features, bank_views[k])
                 for level in range(len(model.channels)):
@@ -66,7 +76,12 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
             heat = [dict(image=_denormalize(kept[i], extractor), mask=masks_np[i], map=maps[i],
                          label=int(labels_np[i]), path=samples[i].image,
                          value_range=(float(maps.min()), float(maps.max()))) for i in sorted(kept)]
-            results[k][class_name] = ClassEvaluation(metrics, heat)
+            if knn is not None and k in knn.levels:
+                baseline[(k, class_name)] = compute_metrics(
+                    knn.maps(k, extractor.image_size, args.smooth_sigma).numpy(), labels_np, masks_np,
+                    compute_aupro=not args.no_aupro)
+            results[k][class_name] = ClassEvaluation(
+                metrics, heat, baseline=baseline.get((k, class_name)) if baseline is not None else None)
     return results
 
 
@@ -83,7 +98,12 @@ def _denormalize(image: torch.Tensor, extractor: FeatureExtractor) -> np.ndarray
 
 
 def results_table(per_class: Dict[str, ClassEvaluation]) -> pd.DataFrame:
-    rows = [{"Class Name": name, **ev.metrics} for name, ev in per_class.items()]
+    return metrics_table({name: ev.metrics for name, ev in per_class.items()})
+
+
+def metrics_table(per_class: Dict[str, Dict[str, float]]) -> pd.DataFrame:
+    """One row per class and a ``Mean`` row, in the CSV columns."""
+    rows = [{"Class Name": name, **metrics} for name, metrics in per_class.items()]
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     mean = frame[list(METRIC_NAMES)].mean(axis=0, skipna=True)
     return pd.concat([frame, pd.DataFrame([{"Class Name": "Mean", **mean.to_dict()}])], ignore_index=True)
@@ -122,4 +142,14 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEval
                 kind = os.path.basename(os.path.dirname(item["path"]))
                 plots.save_heatmap(os.path.join(out.folder, "heatmaps", f"{class_name}_{kind}_{stem}.png"), **item,
                                    title=f"{class_name} / {kind} / {stem}")
+    return table
+
+
+def write_baseline(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEvaluation]) -> Optional[pd.DataFrame]:
+    """``<run>_epoch<E>_baseline.csv``: the kNN baseline's row per class beside ResAD's; None without one."""
+    metrics = {name: ev.baseline for name, ev in per_class.items() if ev.baseline is not None}
+    if not metrics:
+        return None
+    table = metrics_table(metrics)
+    io.save_csv(out.path(f"_epoch{epoch}_baseline.csv"), table)
     return table

@@ -23,17 +23,17 @@ def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, e
     Writes ``<save_dir>/<class>/layer{1,2,3}.npy`` (float32, (k*H*W, C),
     image-major) plus ``meta.json`` naming the backbone and the image files.
     """
-    from datasets import get_dataset, list_fewshot_images
+    from datasets import dataset_classes, list_fewshot_images
 
     if shots is not None and shots < 1:
         raise UserError(f"--shots {shots}: must be at least 1")
     if batch_size < 1:
         raise UserError(f"--batch_size {batch_size}: must be at least 1")
-    info = get_dataset(dataset)
-    names = list(classes) if classes else list(info.classes)
-    unknown = [c for c in names if c not in info.classes]
+    available = dataset_classes(dataset, few_shot_dir, "--few_shot_dir")
+    names = list(classes) if classes else list(available)
+    unknown = [c for c in names if c not in available]
     if unknown:
-        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(info.classes)})")
+        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(available)})")
     files = {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}  # check all first
     io.ensure_dir(save_dir, "--save_dir")
     written = {}
