@@ -173,7 +173,8 @@ def custom_setting(source: str, target: str, seen: Sequence[str] = None, unseen:
         sides[flag] = tuple(dict.fromkeys(chosen)) if chosen else available
     both = [c for c in sides["--seen_classes"] if c in sides["--unseen_classes"]]
     if both:
-        raise UserError(f"class(es) {', '.join(both)} both seen and unseen: the test classes must be new "
+        listed = ", ".join(both[:4]) + (f" and {len(both) - 4} more" if len(both) > 4 else "")
+        raise UserError(f"class(es) {listed} both seen and unseen: the test classes must be new "
                         f"to the model; split them with --seen_classes / --unseen_classes")
     return Setting(CUSTOM, source, target, sides["--seen_classes"], sides["--unseen_classes"])
 

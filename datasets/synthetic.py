@@ -60,8 +60,7 @@ def generate_demo_dataset(root: str, seed: int = 0, n_train: int = 24, n_test_go
     Raises:
         UserError: ``root`` holds files that are not a demo dataset.
     """
-    from .synthetic_draw import UNSEEN_STRENGTH, UNSEEN_MAX_FRACTION
-    params = {"strength": list(UNSEEN_STRENGTH), "maxf": UNSEEN_MAX_FRACTION, "generator": "resad-synthetic-demo", "version": GENERATOR_VERSION, "seed": seed,
+    params = {"generator": "resad-synthetic-demo", "version": GENERATOR_VERSION, "seed": seed,
               "n_train": n_train, "n_test_good": n_test_good,
               "n_test_anomalous": n_test_anomalous}
     if _is_complete(root, params):

@@ -21,9 +21,10 @@ from scipy import ndimage
 
 SIZE = 256
 MIN_DEFECT_FRACTION, MAX_DEFECT_FRACTION = 0.01, 0.10
-import os as _os  # calibration only
-UNSEEN_STRENGTH = tuple(float(v) for v in _os.environ.get("DEMO_STRENGTH", "0.15,0.35").split(","))
-UNSEEN_MAX_FRACTION = float(_os.environ.get("DEMO_MAXF", "0.03"))
+UNSEEN_STRENGTH = (0.15, 0.35)
+"""Opacity range of the unseen classes' defects: faint, so that the demo does not saturate."""
+UNSEEN_MAX_FRACTION = 0.03
+"""Largest area of an unseen class's defect (1-3 % of the image)."""
 NOISE_STD = 0.015
 
 Rendered = tuple[np.ndarray, Optional[np.ndarray]]
