@@ -17,7 +17,8 @@ from datasets import (DATASETS, DEMO_SEEN, DEMO_UNSEEN, SETTINGS, AnomalyDataset
                       read_image, registry, synthetic, visa)
 from utils.errors import UserError
 
-FEWSHOT_DATA = "/work/shared/data/fewshot"
+FEWSHOT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                            "data", "fewshot")
 
 
 # ----------------------------------------------------------------------------- fake trees
