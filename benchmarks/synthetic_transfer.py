@@ -1,6 +1,7 @@
 r"""Train from normal images alone and transfer: synthetic anomalies on MVTec few-shot -> VisA few-shot.
 
-    python benchmarks/synthetic_transfer.py            # offline backbone, CPU, about 10 minutes on 2 cores
+    python benchmarks/synthetic_transfer.py              # offline backbone, CPU: test set, training, evaluation
+    python benchmarks/synthetic_transfer.py --knn_only   # the training-free baseline alone
 
 Training: the 8 normal images of each of the 15 MVTec AD classes in
 ``../shared/data/fewshot/mvtec`` (no test split), stage-2 anomalies drawn on the fly
