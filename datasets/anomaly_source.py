@@ -9,6 +9,7 @@ The default is ``real`` when the source has anomalous images with masks, else
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -90,16 +91,15 @@ def choose_anomaly_source(requested: Optional[str], setting: Setting, root: str)
     normals = training_samples(setting.source, root, setting.seen_classes, stage=1)
     if requested == "synthetic":
         real, why = None, "as asked"
-    else:
-        try:
-            real = training_samples(setting.source, root, setting.seen_classes, stage=2)
-            why = "the source's test split has anomalous images with masks"
-        except UserError as err:
-            if requested in ("real", "mixed"):
-                raise UserError(f"--anomaly_source {requested}: {err}; with normal images only, "
-                                f"use --anomaly_source synthetic") from None
-            real, why = None, "the source has no test split with anomalous images"
-        if real is not None and not any(s.label for s in real):
+    elif not _has_test_split(root, setting.seen_classes):
+        if requested in ("real", "mixed"):
+            raise UserError(f"--anomaly_source {requested}: the seen classes under {root} have no test split "
+                            f"(<cls>/test) with anomalous images; use --anomaly_source synthetic")
+        real, why = None, "the source has normal images only"
+    else:  # a broken test split is an error, not a reason to switch silently
+        real = training_samples(setting.source, root, setting.seen_classes, stage=2)
+        why = "the source's test split has anomalous images with masks"
+        if not any(s.label for s in real):
             if requested in ("real", "mixed"):
                 raise UserError(f"--anomaly_source {requested}: the seen classes of {setting.source} have no "
                                 f"anomalous test images; use --anomaly_source synthetic")
@@ -109,3 +109,9 @@ def choose_anomaly_source(requested: Optional[str], setting: Setting, root: str)
         why = "as asked"
     print(f"stage-2 anomalies: {chosen} ({why}; --anomaly_source real|synthetic|mixed)")
     return chosen, (normals if chosen == "synthetic" else real)
+
+
+def _has_test_split(root: str, classes: Sequence[str]) -> bool:
+    """Whether the source has test images at all: a VisA split file, or a ``<cls>/test`` folder."""
+    return os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")) or any(
+        os.path.isdir(os.path.join(root, c, "test")) for c in classes)

@@ -154,12 +154,15 @@ def test_anomaly_source_defaults_to_synthetic_without_a_test_split(tmp_path, cap
     setting = custom_setting("folder", "mvtec", None, ["bottle"], shots, "")
     chosen, samples = choose_anomaly_source(None, setting, shots)
     assert chosen == "synthetic" and len(samples) == 4 and "stage-2 anomalies: synthetic" in capsys.readouterr().out
-    with pytest.raises(UserError, match="--anomaly_source real: .*use --anomaly_source synthetic"):
+    with pytest.raises(UserError, match="--anomaly_source real: .*no test split.*use --anomaly_source synthetic"):
         choose_anomaly_source("real", setting, shots)
     assert choose_anomaly_source(None, setting, full)[0] == "real"
     chosen, samples = choose_anomaly_source("mixed", setting, full)
     assert chosen == "mixed" and sum(s.label for s in samples) == 4
     assert choose_anomaly_source("synthetic", setting, full)[1] == training_samples("folder", full, ["bolt", "gear"], 1)
+    os.remove(os.path.join(full, "gear", "ground_truth", "crack", "001_mask.png"))
+    with pytest.raises(UserError, match="no ground-truth mask"):  # a broken test split is not silently replaced
+        choose_anomaly_source(None, setting, full)
 
 
 # ----------------------------------------------------------------------------- kNN baseline
