@@ -3,17 +3,22 @@ r"""Encode the few-shot normal reference images of a dataset for testing.
     python extract_ref_features.py --dataset mvtec --few_shot_dir ./data/4shot/mvtec \
         --save_dir ./ref_features/w50/mvtec_4shot
 
-writes <save_dir>/<class>/layer1.npy, layer2.npy, layer3.npy (float32, (k*H*W, C),
-image-major) and meta.json (backbone, image files).
+    python extract_ref_features.py --backbone imagebind_huge --dataset mvtec \
+        --few_shot_dir ./data/4shot/mvtec --save_dir ./ref_features/imagebind/mvtec_4shot
+
+writes <save_dir>/<class>/layer1.npy ... layerN.npy, one per feature level (float32,
+(k*H*W, C), image-major) and meta.json (backbone, its layers, image files).
 """
 from __future__ import annotations
 
 import argparse
 
-from models.extractor import DEFAULT_BACKBONE, build_extractor
-from utils.references import extract_reference_features
+from models.extractor import build_extractor_from_args
+from utils import io
+from utils.references import extract_reference_features, reference_files
 from utils.runtime import resolve_device
 from utils.errors import run_cli
+from utils.options import add_backbone_arguments
 from utils.runtime import tune_cpu_allocator
 
 
@@ -25,8 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save_dir", default="./ref_features/w50/mvtec_4shot")
     parser.add_argument("--shots", type=int, default=None, help="use the first N images per class (default: all)")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all of the dataset)")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="any timm CNN (features_only)")
-    parser.add_argument("--backbone_weights", default=None, help="local state_dict for the backbone (offline use)")
+    add_backbone_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
@@ -36,7 +40,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tune_cpu_allocator()
     device = resolve_device(args.device)
-    extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+    # Every path first: a typo must not cost a backbone download.
+    reference_files(args.dataset, args.few_shot_dir, args.shots, args.classes, args.batch_size)
+    io.check_writable(args.save_dir, "--save_dir")
+    extractor = build_extractor_from_args(args, device)
     written = extract_reference_features(args.dataset, args.few_shot_dir, args.save_dir, extractor,
                                          shots=args.shots, classes=args.classes, batch_size=args.batch_size)
     print(f"reference features of {len(written)} classes ({extractor.name}) written to {args.save_dir}")

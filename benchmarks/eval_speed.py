@@ -1,36 +1,46 @@
-"""Speed of the whole evaluation against the frozen backbone alone, on the same images.
+"""Speed of the whole evaluation, per stage, against the frozen backbone alone, on the same images.
 
     python benchmarks/eval_speed.py                        # offline backbone, synthetic demo images
-    python benchmarks/eval_speed.py --backbone wide_resnet50_2 --device cuda --images 1000
+    python benchmarks/eval_speed.py --compare              # + the previous matcher, same run, results compared
+    python benchmarks/eval_speed.py --shots 2 4 6 8        # + the sweep's time over a 4-shot-only evaluation
+    python benchmarks/eval_speed.py --backbone wide_resnet50_2 --random_weights --device cuda --images 1000
 
 The evaluation is the real code path (``utils.evaluation.evaluate``): image loading,
-feature extraction, matching against a 4-shot bank, VQ + EFDM, constraintor,
+feature extraction, matching against a k-shot bank, VQ + EFDM, constraintor,
 flows, anomaly maps and all metrics including the exact AUPRO.  The model is
 randomly initialised (speed does not depend on training).  The backbone figure
 is image loading + the extractor's forward pass over the same loader.
-Prints images/s of both, their ratio, the time spent in metrics and the peak
-memory of the process.
+Prints the per-stage table (seconds, multiply-accumulates counted on one batch
+and scaled, GMAC/s, share of the machine's dense ``torch.mm`` rate measured in
+the same run), images/s of both, their ratio and the peak memory.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import models.resad as resad  # noqa: E402
 import utils.evaluation as evaluation  # noqa: E402
+from benchmarks_common import build_benchmark_extractor  # noqa: E402
 from datasets import DEMO_UNSEEN, Sample, generate_demo_dataset, list_fewshot_images, test_samples  # noqa: E402
-from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
+from models.constraintor import FeatureConstraintor  # noqa: E402
+from models.extractor import OFFLINE_BACKBONE  # noqa: E402
 from models.residual import ReferenceBank  # noqa: E402
-from utils.options import add_training_arguments  # noqa: E402
+from models.vq import MultiScaleVQ  # noqa: E402
+from stages import StageProfile, load_average, matmul_rate_gmacs, peak_memory_gib  # noqa: E402
 from utils.engine import build_model  # noqa: E402
 from utils.loaders import make_loader  # noqa: E402
-from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
+from utils.options import add_training_arguments  # noqa: E402
+from utils.runtime import configure_device, resolve_device, tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 
@@ -39,13 +49,30 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=240, help="test images (the demo test set, repeated)")
     parser.add_argument("--classes", type=int, default=3, help="unseen classes to spread the images over")
     parser.add_argument("--data", default="./data/demo", help="where the synthetic demo dataset lives")
+    parser.add_argument("--shots", type=int, nargs="+", default=None,
+                        help="evaluate for these numbers of reference shots at once (e.g. 2 4 6 8) and print the "
+                             "time over a --num_ref_shot-only evaluation")
+    parser.add_argument("--random_weights", action="store_true",
+                        help="build the backbone with random weights (offline timing of any timm CNN)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the previous matcher in the same run and check the results are identical")
     add_training_arguments(parser)
     parser.set_defaults(backbone=OFFLINE_BACKBONE, num_workers=min(4, os.cpu_count() or 1))
     return parser.parse_args(argv)
 
 
-def peak_memory_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+def install_stages(profile: StageProfile, extractor) -> None:
+    original_tqdm = evaluation.tqdm
+    evaluation.tqdm = lambda iterable, **kw: profile.iterate(iterable, "loading")
+    profile._undo.append(lambda: setattr(evaluation, "tqdm", original_tqdm))
+    profile.patch(extractor, "forward", "backbone")
+    profile.patch(resad, "match_references", "matching")
+    profile.patch(MultiScaleVQ, "quantize", "VQ + EFDM")
+    profile.patch(resad, "match_feature_distribution", "VQ + EFDM")
+    profile.patch(FeatureConstraintor, "forward", "constraintor")
+    profile.patch(resad.ResAD, "flow_log_likelihoods", lambda self, level, *a, **k: f"flow L{level + 1}")
+    profile.patch(evaluation, "anomaly_maps", "anomaly maps")
+    profile.patch(evaluation, "compute_metrics", "metrics (incl. AUPRO)")
 
 
 def main(argv=None) -> None:
@@ -53,24 +80,48 @@ def main(argv=None) -> None:
     tune_cpu_allocator()
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    configure_device(device)
+    shots = sorted(set(args.shots)) if args.shots else [args.num_ref_shot]
     root = generate_demo_dataset(args.data)
-    extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+    extractor = build_benchmark_extractor(args, device)
     classes = list(DEMO_UNSEEN[: args.classes])
     per_class = -(-args.images // len(classes))
     test_sets, banks = {}, {}
+    bank_shots = max(shots + [args.num_ref_shot])
     for name in classes:
         samples = test_samples("demo", root, name)
         test_sets[name] = (samples * (per_class // len(samples) + 1))[:per_class]
-        refs = make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, args.num_ref_shot)],
-                                  extractor, args.num_ref_shot, 0)
+        refs = make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, bank_shots)],
+                           extractor, bank_shots, 0)
         banks[name] = ReferenceBank.from_features(extractor(next(iter(refs))["image"].to(device)))
     n_images = sum(len(v) for v in test_sets.values())
     model = build_model(args, extractor.channels).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device {device}, backbone {extractor.name}{' (random weights)' if args.random_weights else ''}, "
+          f"{n_images} test images of {len(classes)} classes, {shots}-shot banks, batch {args.eval_batch_size}, "
+          f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, load {load_average()}")
+
+    def run(shot_list, sets=test_sets):
+        sync()
+        start = time.perf_counter()
+        results = evaluation.evaluate(model, extractor, sets, banks, shot_list, args, device)
+        sync()
+        return time.perf_counter() - start, results
+
+    # Multiply-accumulates of one batch (also the warm-up), then the timed runs.
+    profile = StageProfile(device)
+    install_stages(profile, extractor)
+    one_batch = {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}
+    try:
+        profile.counting = True
+        run(shots, sets=one_batch)
+        profile.counting = False
+        rate = matmul_rate_gmacs(device)
+        total_s, results = run(shots)
+    finally:
+        profile.restore()
 
     # The backbone alone: the same loaders, extraction only.
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    evaluation.evaluate(model, extractor, {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}, banks,
-                    [args.num_ref_shot], args, device)  # warm-up
     sync()
     start = time.perf_counter()
     for samples in test_sets.values():
@@ -79,31 +130,30 @@ def main(argv=None) -> None:
     sync()
     backbone_s = time.perf_counter() - start
 
-    metrics_time = [0.0]
-    compute = evaluation.compute_metrics
-
-    def timed_metrics(*a, **k):
-        t = time.perf_counter()
-        out = compute(*a, **k)
-        metrics_time[0] += time.perf_counter() - t
-        return out
-
-    evaluation.compute_metrics = timed_metrics
-    start = time.perf_counter()
-    evaluation.evaluate(model, extractor, test_sets, banks, [args.num_ref_shot], args, device)
-    sync()
-    total_s = time.perf_counter() - start
-    evaluation.compute_metrics = compute
-
-    print(f"device {device}, backbone {extractor.name}, {n_images} test images of {len(classes)} classes, "
-          f"{args.num_ref_shot}-shot banks, batch {args.eval_batch_size}, {args.num_workers} loader workers, "
-          f"{torch.get_num_threads()} torch threads")
+    scale = n_images / len(one_batch[classes[0]])
+    print(profile.table(total_s, rate, scale_macs=scale, title=f"evaluation, {shots} shots"))
     print(f"backbone alone     : {n_images / backbone_s:8.2f} images/s ({backbone_s:.1f} s)")
-    print(f"whole evaluation   : {n_images / total_s:8.2f} images/s ({total_s:.1f} s, "
-          f"of which metrics incl. AUPRO {metrics_time[0]:.1f} s)")
+    print(f"whole evaluation   : {n_images / total_s:8.2f} images/s ({total_s:.1f} s)")
     print(f"ratio eval/backbone: {total_s / backbone_s:8.2f}x")
+
+    if args.shots and shots != [args.num_ref_shot]:
+        single_s, _ = run([args.num_ref_shot])
+        print(f"shots {shots} at once: {total_s:.1f} s; {args.num_ref_shot}-shot only: {single_s:.1f} s; "
+              f"ratio {total_s / single_s:.2f}x")
+    if args.compare:
+        import legacy
+
+        new_s, new_results = run(shots)
+        with legacy.legacy_matching():
+            old_s, old_results = run(shots)
+        same = all(np.array_equal(np.asarray(list(new_results[k][c].metrics.values()), dtype=float),
+                                  np.asarray(list(old_results[k][c].metrics.values()), dtype=float), equal_nan=True)
+                   for k in shots for c in classes)
+        print(f"previous matcher: {old_s:.1f} s, this one {new_s:.1f} s -> {old_s / new_s:.2f}x; "
+              f"metrics {'identical' if same else 'DIFFERENT'}; load {load_average()}")
     print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB"
           + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+    print(f"load average after : {load_average()}")
 
 
 if __name__ == "__main__":

@@ -39,20 +39,27 @@ def main(argv=None) -> None:
     prefixes = [f"{k}shot/{d}" for k in args.shots for d in args.datasets] if args.datasets else \
         [f"{k}shot" for k in args.shots]
     patterns = [f"{p}/**" for p in prefixes] + [f"{p}.*" for p in prefixes]
+    def failure(reason: str) -> UserError:
+        return UserError(f"cannot download {args.repo_id} from the Hugging Face hub ({reason}); "
+                         f"check the network, or fetch it by hand from https://huggingface.co/datasets/{args.repo_id} "
+                         f"into {args.out}")
+
     try:
         snapshot_download(repo_id=args.repo_id, repo_type="dataset", local_dir=args.out, allow_patterns=patterns)
     except Exception as err:  # network, authentication and missing-repository errors
-        raise UserError(f"cannot download {args.repo_id} from the Hugging Face hub ({type(err).__name__}); "
-                        f"check the network, or fetch it by hand from https://huggingface.co/datasets/{args.repo_id} "
-                        f"into {args.out}") from None
+        raise failure(type(err).__name__) from None
     for folder, _, files in os.walk(args.out):
         for name in files:
             if name.endswith(ARCHIVES):
                 shutil.unpack_archive(os.path.join(folder, name), folder)
+    found = {}
     for k in args.shots:
         root = os.path.join(args.out, f"{k}shot")
-        found = sorted(d for d in os.listdir(root)) if os.path.isdir(root) else []
-        print(f"{root}: {', '.join(found) if found else 'nothing found'}")
+        found[root] = sorted(d for d in os.listdir(root) if not d.startswith(".")) if os.path.isdir(root) else []
+    if not any(found.values()):
+        raise failure("nothing was obtained")
+    for root, names in found.items():
+        print(f"{root}: {', '.join(names) if names else 'nothing found'}")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def detect_layout(root: str) -> Optional[str]:
 
 def check_root(root: str, hint: str = DEFAULT_HINT) -> None:
     """Raise a UserError unless ``root`` is an existing, non-empty folder."""
+    if not root:
+        raise UserError(f"{hint} is empty: give the dataset root folder" if hint.startswith("--")
+                        else f"no dataset root given; check {hint}")
     if not os.path.exists(root):
         raise UserError(f"dataset root {root} does not exist; check {hint}")
     if not os.path.isdir(root):

@@ -7,6 +7,7 @@ cut to its first k shots (SPEC 2.3).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -15,16 +16,64 @@ import torch.nn.functional as F
 RESIDUAL_MODES = ("squared", "difference")
 
 # Upper bound on the elements of one similarity block (rows x bank rows) built
-# by the matcher.  On a GPU large blocks (2**26 float32 = 256 MiB) keep it busy;
-# on a CPU blocks that stay in cache (4 MiB) were 2.5x faster in
-# benchmarks/eval_speed.py, as big fresh buffers cost page faults on every call.
-_MAX_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 20}
+# by the matcher and the VQ.  GPU: large blocks keep it busy.  CPU: with the
+# heap-reusing allocator (utils.runtime.tune_cpu_allocator) 8M-element blocks
+# (~650 rows of a 4-shot Lite0 level-1 bank) took half the time of 1M-element
+# ones (fewer, larger products and arg-max passes; benchmarks/train_speed.py).
+_MAX_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 23}
+
+# Matcher precision per device: None = float32 products throughout; a 16-bit
+# dtype = similarities in that dtype, then the candidates that the proven error
+# bound cannot rule out are re-scored exactly (see certified_argmax_rows).
+APPROXIMATE_SIMILARITY_DTYPE = {"cuda": torch.float16, "cpu": None}
 
 
 def block_rows(device: torch.device, row_elements: int) -> int:
     """Rows per block so that a block of ``row_elements``-wide rows fits the device's budget."""
     budget = _MAX_BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
     return max(1, budget // max(1, row_elements))
+
+
+def similarity_error_bound(dtype: torch.dtype, dim: int) -> float:
+    """Proven bound on |approx - exact| of the dot product of two (near-)unit vectors of length ``dim``
+    when both are rounded to ``dtype``, multiplied with float32 accumulation and the result rounded to ``dtype``.
+
+    With unit round-off u and smallest subnormal step s of ``dtype``: each rounded entry is
+    ``a_i (1 + d_i) + e_i`` with ``|d_i| <= u``, ``|e_i| <= s / 2``; by Cauchy-Schwarz the rounded
+    inputs change the product by at most ``2u + u^2 + s sqrt(dim)`` (plus second-order terms);
+    the float32 accumulation adds at most ``dim 2^-24 (1 + 3u)``, the rounding of a result of
+    magnitude at most 1.01 another ``1.01 u``.  A 2 % margin covers row norms of 1 +- 1e-6.
+    """
+    info = torch.finfo(dtype)
+    u = info.eps / 2
+    tiny = info.smallest_normal * info.eps  # the subnormal step
+    inputs = 2 * u + u * u + tiny * math.sqrt(dim) * (1 + u)
+    accumulation = dim * 2.0 ** -24 * (1 + 3 * u)
+    output = 1.01 * u
+    return 1.02 * (inputs + accumulation + output)
+
+
+def certified_argmax_rows(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row-wise arg-max of ``queries @ bank.T`` for unit rows, exact, from ``dtype`` similarities.
+
+    The block of similarities is computed in ``dtype`` (fast tensor-core products on a GPU);
+    every bank row whose approximate similarity is within twice the proven error bound of
+    the row's approximate maximum could still be the exact maximum, so exactly those
+    candidates are re-scored from the float32 inputs (in float64) and the best one is
+    taken (the lowest index among exact ties, like ``argmax``).  Any row outside the
+    candidates is provably below the best candidate, so the result is the exact arg-max.
+    """
+    approx = torch.mm(queries.to(dtype), bank.t().to(dtype)).float()
+    best = approx.max(dim=1, keepdim=True).values
+    slack = 2 * similarity_error_bound(dtype, queries.shape[1])
+    rows, cols = torch.nonzero(approx >= best - slack, as_tuple=True)
+    del approx
+    exact = (queries[rows].double() * bank[cols].double()).sum(dim=1)
+    top = torch.full((queries.shape[0],), -math.inf, dtype=torch.float64, device=queries.device)
+    top.scatter_reduce_(0, rows, exact, reduce="amax")
+    winners = exact == top[rows]
+    first = torch.full((queries.shape[0],), bank.shape[0], dtype=torch.long, device=queries.device)
+    return first.scatter_reduce_(0, rows[winners], cols[winners], reduce="amin")
 
 
 def flatten_positions(feature: torch.Tensor) -> torch.Tensor:
@@ -80,10 +129,15 @@ def nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tens
     """Index of the bank row with the highest cosine similarity to each query row.
 
     ``bank_normalized`` must have unit rows.  The similarity matrix is built in
-    row blocks so that memory stays bounded for large banks.
+    row blocks so that memory stays bounded for large banks.  On devices with an
+    approximate similarity dtype (CUDA: float16) each block goes through
+    :func:`certified_argmax_rows`, which returns the same exact arg-max.
     """
     queries = F.normalize(queries, dim=1)
     block = block_rows(queries.device, bank_normalized.shape[0])
+    dtype = APPROXIMATE_SIMILARITY_DTYPE["cuda" if queries.device.type == "cuda" else "cpu"]
+    if dtype is not None:
+        return torch.cat([certified_argmax_rows(chunk, bank_normalized, dtype) for chunk in queries.split(block)])
     bank_t = bank_normalized.t()
     return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from models.extractor import OFFLINE_BACKBONE, FeatureExtractor, build_extractor
+from models.extractor import OFFLINE_BACKBONE, FeatureExtractor, build_extractor_from_args
 
 DEMO_ROOT = "./data/demo"
 DEMO_REF_DIR = f"./ref_features/{OFFLINE_BACKBONE}/demo_4shot"
@@ -25,9 +25,13 @@ def prepare_demo(args: argparse.Namespace) -> FeatureExtractor:
     from utils.references import extract_reference_features
     from utils.runtime import resolve_device
 
+    from utils import io
+
+    io.check_writable(args.checkpoint_path)
+    io.check_writable(args.test_ref_feature_dir, "--test_ref_feature_dir")
     root = generate_demo_dataset(args.test_dataset_dir)
     print(f"demo dataset: {os.path.abspath(root)}")
-    extractor = build_extractor(args.backbone, args.backbone_weights, device=resolve_device(args.device))
+    extractor = build_extractor_from_args(args, resolve_device(args.device))
     extract_reference_features("demo", root, args.test_ref_feature_dir, extractor, shots=args.num_ref_shot,
                                classes=DEMO_UNSEEN)
     return extractor

@@ -20,7 +20,7 @@ import torch
 
 from datasets import AnomalyDataset, Sample, setting_from_args, test_samples, training_samples
 from datasets.anomaly_source import SyntheticAnomalyDataset, choose_anomaly_source
-from models.extractor import FeatureExtractor, build_extractor
+from models.extractor import FeatureExtractor, build_extractor_from_args
 from models.resad import ResAD
 from utils import io
 from utils.errors import UserError
@@ -67,6 +67,9 @@ def _check_resume(ckpt: dict, args: argparse.Namespace, extractor: FeatureExtrac
     if ckpt.get("backbone") != extractor.name or list(ckpt.get("channels", [])) != extractor.channels:
         raise UserError(f"--resume {path}: the checkpoint was trained with --backbone {ckpt.get('backbone')}, "
                         f"this run uses {extractor.name}; pass the same --backbone")
+    if list(ckpt.get("layers", extractor.layers)) != extractor.layers:
+        raise UserError(f"--resume {path}: the checkpoint was trained on the backbone's layers {ckpt['layers']}, "
+                        f"this run uses {extractor.layers}; pass the same --feature_levels / --feature_blocks")
     for key in ("coupling_layers", "flow_arch", "pos_embed_dim", "num_embeddings", "residual"):
         if key in saved and saved[key] != getattr(args, key):
             raise UserError(f"--resume {path}: the checkpoint has --{key} {saved[key]}, this run "
@@ -90,7 +93,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     # Check every input before spending time on training.
     test_sets = {c: test_samples(setting.target, args.test_dataset_dir, c) for c in setting.unseen_classes}
     if getattr(args, "baseline", None):  # training-free: no training data, no model
-        extractor = extractor or build_extractor(args.backbone, args.backbone_weights, device=device)
+        extractor = extractor or build_extractor_from_args(args, device)
         banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(),
                                         max(shots), device)
         return run_knn_baseline(outputs, extractor, test_sets, banks, shots, args, device)
@@ -114,9 +117,14 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")
 
+    io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
-        extractor = build_extractor(args.backbone, args.backbone_weights, device=device)
+        extractor = build_extractor_from_args(args, device)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
     banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(), max(shots), device)
+    if max(extractor.channels) > 512:
+        print(f"building the flows: {len(extractor.channels)} levels x {args.coupling_layers} coupling layers on "
+              f"{max(extractor.channels)} channels (a random rotation each, seconds apiece on a CPU; once per run)")
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -140,7 +148,10 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
         SyntheticAnomalyDataset, fraction=args.synthetic_fraction, families=args.synthetic_defects, seed=args.seed)
     loaders = {stage: make_loader(stage_samples[stage], extractor, args.batch_size, args.num_workers,
                                   shuffle=True, drop_last=True, generator=generator,
-                                  dataset_class=AnomalyDataset if stage == 1 else stage2_dataset) for stage in (1, 2)}
+                                  dataset_class=AnomalyDataset if stage == 1 else stage2_dataset,
+                                  # set_epoch must reach the workers of a synthetic stage 2: no persistent ones
+                                  persistent=device.type == "cuda" and (stage == 1 or anomaly_source == "real"))
+               for stage in (1, 2)}
     print(f"{args.setting}: {len(setting.seen_classes)} seen classes ({len(stage_samples[1])} normal / "
           f"{len(stage_samples[2])} stage-2 training images), {len(setting.unseen_classes)} unseen classes, "
           f"backbone {extractor.name} {extractor.channels}, device {device}")
@@ -209,6 +220,6 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
 
 def _checkpoint_state(args, extractor, model, trainer, generator, epoch, best) -> dict:
     return {"format": CHECKPOINT_FORMAT, "args": vars(args).copy(), "backbone": extractor.name,
-            "channels": extractor.channels, "epoch": epoch, "model": model.state_dict(),
+            "channels": extractor.channels, "layers": extractor.layers, "epoch": epoch, "model": model.state_dict(),
             "trainer": trainer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
             "best": dict(best)}

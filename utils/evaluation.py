@@ -31,7 +31,7 @@ class ClassEvaluation:
     baseline: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
              banks: Dict[str, ReferenceBank], shots: Sequence[int], args: argparse.Namespace,
              device: torch.device, num_heatmaps: int = 0,

@@ -135,6 +135,19 @@ def save_reference_features(save_dir: str, class_name: str, features: Sequence[t
     return final
 
 
+def check_reference_dirs(ref_dir: str, class_names: Sequence[str], flag: str = "--test_ref_feature_dir") -> None:
+    """UserError unless ``ref_dir`` holds a folder per class (cheap; run before building a backbone)."""
+    if not ref_dir:
+        raise UserError(f"{flag} is empty: give the folder written by extract_ref_features.py")
+    if not os.path.isdir(ref_dir):
+        raise UserError(f"{flag} {ref_dir}: folder not found; create it with extract_ref_features.py")
+    for class_name in class_names:
+        class_dir = os.path.join(ref_dir, class_name)
+        if not os.path.isdir(class_dir):
+            raise UserError(f"{flag} {ref_dir}: no reference features for class '{class_name}' "
+                            f"(expected {class_dir}/layer1.npy); run extract_ref_features.py for this dataset")
+
+
 def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: int,
                         flag: str = "--test_ref_feature_dir") -> ReferenceBank:
     """Load the reference bank of one class and check it against the extractor in use.
@@ -143,12 +156,8 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
     number of shots is derived from the rows of each level and the feature map
     size; ``num_shots`` of them are kept (the first ones).
     """
+    check_reference_dirs(ref_dir, [class_name], flag)
     class_dir = os.path.join(ref_dir, class_name)
-    if not os.path.isdir(ref_dir):
-        raise UserError(f"{flag} {ref_dir}: folder not found; create it with extract_ref_features.py")
-    if not os.path.isdir(class_dir):
-        raise UserError(f"{flag} {ref_dir}: no reference features for class '{class_name}' "
-                        f"(expected {class_dir}/layer1.npy); run extract_ref_features.py for this dataset")
     meta = {}
     meta_path = os.path.join(class_dir, REFERENCE_META)
     if os.path.isfile(meta_path):
@@ -157,6 +166,10 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
         if meta.get("backbone") and meta["backbone"] != extractor["backbone"]:
             raise UserError(f"{flag} {class_dir}: features were extracted with --backbone {meta['backbone']}, "
                             f"this run uses {extractor['backbone']}; re-extract them or pass the same --backbone")
+        if meta.get("layers") is not None and list(meta["layers"]) != list(extractor.get("layers", meta["layers"])):
+            raise UserError(f"{flag} {class_dir}: features are of {extractor['backbone']} layers {meta['layers']}, "
+                            f"this run uses layers {extractor['layers']}; re-extract them with the same "
+                            "--feature_levels / --feature_blocks")
     levels: List[torch.Tensor] = []
     shots = None
     for level, (channels, (h, w)) in enumerate(zip(extractor["channels"], extractor["feature_sizes"]), start=1):

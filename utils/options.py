@@ -6,7 +6,8 @@ import os
 
 from datasets.anomaly_source import ANOMALY_SOURCES
 from datasets.defects import DEFECT_FAMILIES
-from models.extractor import DEFAULT_BACKBONE
+from models.extractor import DEFAULT_BACKBONE, IMAGEBIND_BACKBONE
+from models.imagebind import IMAGEBIND_WEIGHTS
 from models.flow import FLOW_ARCHS
 from models.knn_baseline import BASELINES
 from models.residual import RESIDUAL_MODES
@@ -15,6 +16,20 @@ from utils.metrics import METRIC_NAMES
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+def add_backbone_arguments(group) -> None:
+    """--backbone, --backbone_weights, --feature_levels, --feature_blocks (training and extraction scripts)."""
+    group.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                       help=f"any timm CNN (features_only), any timm ViT, or {IMAGEBIND_BACKBONE}")
+    group.add_argument("--backbone_weights", default=None,
+                       help="local weights file for the backbone (a timm state_dict, or the ImageBind checkpoint; "
+                            f"default for {IMAGEBIND_BACKBONE}: {IMAGEBIND_WEIGHTS})")
+    group.add_argument("--feature_levels", type=int, default=None,
+                       help="feature levels: CNN pyramid stages 1..N (default 3), or N evenly spaced ViT blocks "
+                            "(default 4: blocks 7 15 23 31 of a 32-block ViT)")
+    group.add_argument("--feature_blocks", type=int, nargs="+", default=None, metavar="BLOCK",
+                       help="ViT only: the 0-based blocks whose patch tokens are the levels, e.g. 2 5 8 11")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -53,6 +68,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--epochs", type=int, default=100)
     run.add_argument("--stage1_epochs", type=int, default=10, help="first epochs on normal images only")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--amp", default="none", choices=["none", "bf16"],
+                     help="bf16: run the frozen backbone under bfloat16 autocast (faster on GPUs; "
+                          "features are returned in float32; the rest stays float32)")
     run.add_argument("--checkpoint_path", default="./checkpoints/", help="folder of checkpoints and results")
     run.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
     run.add_argument("--seed", type=int, default=42)
@@ -68,10 +86,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=DEFAULT_BACKBONE, help="any timm CNN (features_only)")
-    model.add_argument("--backbone_weights", default=None, help="local state_dict for the backbone (offline use)")
+    add_backbone_arguments(model)
     model.add_argument("--flow_arch", default="conditional_flow_model", choices=FLOW_ARCHS)
-    model.add_argument("--feature_levels", type=int, default=3, choices=[3], help="feature levels (fixed: 3)")
     model.add_argument("--coupling_layers", type=int, default=10)
     model.add_argument("--clamp_alpha", type=float, default=1.9)
     model.add_argument("--pos_embed_dim", type=int, default=256)

@@ -14,27 +14,37 @@ from utils.errors import UserError
 from utils.loaders import make_loader
 
 
-@torch.no_grad()
-def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, extractor: FeatureExtractor,
-                               shots: Optional[int] = None, classes: Optional[Sequence[str]] = None,
-                               batch_size: int = 8, num_workers: int = 0) -> Dict[str, str]:
-    """Encode the few-shot reference images of every class of ``dataset`` and save them.
-
-    Writes ``<save_dir>/<class>/layer{1,2,3}.npy`` (float32, (k*H*W, C),
-    image-major) plus ``meta.json`` naming the backbone and the image files.
-    """
+def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None,
+                    classes: Optional[Sequence[str]] = None, batch_size: int = 8) -> Dict[str, list]:
+    """Check the arguments of :func:`extract_reference_features` and list the images per class
+    (cheap: scripts call it before building the backbone, so a typo costs no download)."""
     from datasets import dataset_classes, list_fewshot_images
 
     if shots is not None and shots < 1:
         raise UserError(f"--shots {shots}: must be at least 1")
     if batch_size < 1:
         raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    if not few_shot_dir:
+        raise UserError("--few_shot_dir is empty: give the folder of <class>/train/good reference images")
     available = dataset_classes(dataset, few_shot_dir, "--few_shot_dir")
     names = list(classes) if classes else list(available)
     unknown = [c for c in names if c not in available]
     if unknown:
         raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(available)})")
-    files = {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}  # check all first
+    return {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}
+
+
+@torch.inference_mode()
+def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, extractor: FeatureExtractor,
+                               shots: Optional[int] = None, classes: Optional[Sequence[str]] = None,
+                               batch_size: int = 8, num_workers: int = 0) -> Dict[str, str]:
+    """Encode the few-shot reference images of every class of ``dataset`` and save them.
+
+    Writes ``<save_dir>/<class>/layer{1..L}.npy`` (one per feature level) (float32, (k*H*W, C),
+    image-major) plus ``meta.json`` naming the backbone and the image files.
+    """
+    files = reference_files(dataset, few_shot_dir, shots, classes, batch_size)  # check all first
+    names = list(files)
     io.ensure_dir(save_dir, "--save_dir")
     written = {}
     device = next(extractor.parameters()).device

@@ -43,8 +43,12 @@ class TrainReferencePool:
     """Encoded features of a bounded pool of normal training images per seen class.
 
     The authors re-read and re-encode k random images per class in every batch;
-    here ``pool_size`` images per class are encoded once per epoch (:meth:`refresh`)
-    and each batch draws its k references from the pool.
+    here ``pool_size`` images per class are drawn once per epoch (:meth:`refresh`)
+    and each batch draws its k references from the pool.  The extractor is frozen,
+    so an image's features never change: a refresh encodes only the images that
+    were not in the previous pool, and a training batch whose images are all in
+    the pool takes their features from it (:meth:`lookup`) instead of running the
+    backbone again.  Memory stays that of one pool.
     """
 
     def __init__(self, extractor: FeatureExtractor, normals: Dict[str, List[Sample]], pool_size: int,
@@ -52,22 +56,45 @@ class TrainReferencePool:
         self.extractor, self.normals, self.pool_size = extractor, normals, pool_size
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         self.features: Dict[str, List[torch.Tensor]] = {}
+        self._where: Dict[str, tuple] = {}  # image path -> (class, row in that class's pool tensors)
+        self.encoded_last_refresh = 0
 
     def refresh(self, generator: torch.Generator) -> None:
-        chosen, owners = [], []
+        chosen: Dict[str, List[Sample]] = {}
         for name, samples in self.normals.items():
             order = torch.randperm(len(samples), generator=generator)[: self.pool_size].tolist()
-            chosen += [samples[i] for i in sorted(order)]
-            owners += [name] * min(self.pool_size, len(samples))
-        loader = make_loader(chosen, self.extractor, self.batch_size, self.num_workers)
-        encoded = [[] for _ in self.extractor.channels]
-        for batch in tqdm(loader, desc="reference pool", leave=False, dynamic_ncols=True):
-            for level, f in enumerate(self.extractor(batch["image"].to(self.device))):
-                encoded[level].append(f)
-        encoded = [torch.cat(level) for level in encoded]
-        owners = np.array(owners)
-        self.features = {name: [level[torch.from_numpy(np.flatnonzero(owners == name)).to(self.device)]
-                                for level in encoded] for name in self.normals}
+            chosen[name] = [samples[i] for i in sorted(order)]
+        missing = list(dict.fromkeys(s.image for picks in chosen.values() for s in picks if s.image not in self._where))
+        by_path = {s.image: s for picks in chosen.values() for s in picks}
+        fresh: Dict[str, List[torch.Tensor]] = {}
+        if missing:
+            loader = make_loader([by_path[p] for p in missing], self.extractor, self.batch_size, self.num_workers)
+            encoded = [[] for _ in self.extractor.channels]
+            for batch in tqdm(loader, desc="reference pool", leave=False, dynamic_ncols=True):
+                for level, f in enumerate(self.extractor(batch["image"].to(self.device))):
+                    encoded[level].append(f)
+            encoded = [torch.cat(level) for level in encoded]
+            fresh = {path: [level[i] for level in encoded] for i, path in enumerate(missing)}
+
+        def image_features(path: str) -> List[torch.Tensor]:
+            if path in fresh:
+                return fresh[path]
+            name, row = self._where[path]
+            return [level[row] for level in self.features[name]]
+
+        features = {name: [torch.stack(level) for level in zip(*(image_features(s.image) for s in picks))]
+                    for name, picks in chosen.items()}
+        self.features = features
+        self._where = {s.image: (name, row) for name, picks in chosen.items() for row, s in enumerate(picks)}
+        self.encoded_last_refresh = len(missing)
+
+    def lookup(self, paths: Sequence[str]) -> Optional[List[torch.Tensor]]:
+        """Per-level features of these images from the pool, or None unless all of them are in it."""
+        if not self._where or any(p not in self._where for p in paths):
+            return None
+        places = [self._where[p] for p in paths]
+        return [torch.stack([self.features[name][level][row] for name, row in places])
+                for level in range(len(self.extractor.channels))]
 
     def bank(self, class_name: str, shots: int, generator: torch.Generator) -> ReferenceBank:
         levels = self.features[class_name]
@@ -198,8 +225,10 @@ def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataL
     totals: Dict[str, List[float]] = {"vq": [], "occ": [], "flow": []}
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     for batch in bar:
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        features = extractor(images)
+        masks = batch["mask"].to(device, non_blocking=True)
+        features = pool.lookup(batch["path"])
+        if features is None:
+            features = extractor(batch["image"].to(device, non_blocking=True))
         residuals = batch_residuals(model, features, batch["class_name"],
                                     lambda name: pool.bank(name, shots, generator))
         for key, value in trainer.train_step(features, residuals, masks, stage2, generator).items():

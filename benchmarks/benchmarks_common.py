@@ -1,0 +1,53 @@
+"""Workloads and backbones shared by the benchmarks."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from datasets import DEMO_SEEN, Sample, generate_demo_dataset, list_fewshot_images
+from models.extractor import CNNExtractor, FeatureExtractor, build_extractor_from_args
+
+
+def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:
+    """The backbone of ``--backbone`` (``--amp`` applied); with ``--random_weights`` any timm CNN, built offline."""
+    if not getattr(args, "random_weights", False):
+        extractor = build_extractor_from_args(args, device)
+    else:
+        import timm
+
+        levels = getattr(args, "feature_levels", None) or 3
+        model = timm.create_model(args.backbone, features_only=True, out_indices=tuple(range(1, levels + 1)),
+                                  pretrained=False)
+        extractor = CNNExtractor(model, args.backbone).to(device)
+    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    return extractor
+
+
+def _cycle(items: List, count: int) -> List:
+    return (items * (count // len(items) + 1))[:count] if count else list(items)
+
+
+def training_workload(args: argparse.Namespace, extractor: FeatureExtractor
+                      ) -> Tuple[List[Sample], Dict[str, List[Sample]], str]:
+    """Normal training samples (mixed classes) and the same grouped by class, plus a description.
+
+    The images of ``args.data/<cls>/train/good`` when that folder exists (repeated up
+    to ``args.images``), else ``args.images`` generated demo images of the seen classes.
+    """
+    if os.path.isdir(args.data):
+        classes = sorted(d for d in os.listdir(args.data) if os.path.isdir(os.path.join(args.data, d, "train", "good")))
+        samples = [Sample(path, 0, (), c) for c in classes for path in list_fewshot_images(args.data, c)]
+        source = os.path.normpath(args.data)
+    else:
+        per_class = -(-max(args.images, 40) // len(DEMO_SEEN))
+        root = generate_demo_dataset(args.generated_dir, n_train=per_class, n_test_good=1, n_test_anomalous=1)
+        samples = [Sample(path, 0, (), c) for c in DEMO_SEEN for path in list_fewshot_images(root, c)]
+        source = f"generated demo images in {args.generated_dir}"
+    samples = _cycle(samples, args.images)
+    normals: Dict[str, List[Sample]] = {}
+    for s in samples:
+        normals.setdefault(s.class_name, []).append(s)
+    return samples, normals, source

@@ -1,0 +1,218 @@
+"""Seconds per training epoch, per stage, on a real workload (the real code path).
+
+    python benchmarks/train_speed.py                     # 120 real MVTec 8-shot images, Lite0, 2 CPU cores
+    python benchmarks/train_speed.py --compare           # + the previous implementation, same seed, losses compared
+    python benchmarks/train_speed.py --backbone wide_resnet50_2 --random_weights --device cuda \
+        --images 2000 --epochs 3
+
+The workload: the normal training images of ``--data`` (default the 8-shot
+MVTec folders, 15 classes x 8 images), batch 32 with ``drop_last`` (3 steps),
+``--train_ref_shot`` references per class drawn from a reference pool that is
+re-encoded at the start of every epoch, stage 1.  ``--images N`` repeats the
+images (or, without the folder, uses N generated demo images).  An epoch is
+``utils.training.TrainReferencePool.refresh`` + ``train_one_epoch`` exactly as
+``main.py`` runs it.  First an epoch under the multiply-accumulate counter
+(also a warm-up), then ``--epochs`` timed epochs.
+
+``--compare`` also runs the previous implementation (``benchmarks/legacy.py``)
+from the same seed in the same process and prints the largest relative
+difference of the losses: the fast path must give the same losses to 1e-5.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import models.resad as resad  # noqa: E402
+import utils.training as training  # noqa: E402
+from benchmarks_common import build_benchmark_extractor, training_workload  # noqa: E402
+from stages import StageProfile, load_average, matmul_rate_gmacs, peak_memory_gib  # noqa: E402
+from models.constraintor import FeatureConstraintor  # noqa: E402
+from models.vq import MultiScaleVQ  # noqa: E402
+from utils.engine import build_model  # noqa: E402
+from utils.loaders import make_loader  # noqa: E402
+from utils.options import add_training_arguments  # noqa: E402
+from utils.runtime import configure_device, resolve_device, tune_cpu_allocator  # noqa: E402
+from utils.seed import seed_everything  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "fewshot", "mvtec")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="<data>/<cls>/train/good/* images (default: the 8-shot MVTec folders); "
+                             "absent -> generated demo images")
+    parser.add_argument("--images", type=int, default=0, help="training images (default: all of --data)")
+    parser.add_argument("--shots", type=int, default=None, help="references per class in a batch (--train_ref_shot)")
+    parser.add_argument("--random_weights", action="store_true",
+                        help="build the backbone with random weights (offline timing of any timm CNN)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the previous implementation from the same seed and compare the losses")
+    parser.add_argument("--generated_dir", default="./data/bench_train", help="where generated images go")
+    add_training_arguments(parser)
+    parser.set_defaults(backbone="tf_efficientnet_lite0", epochs=2, stage1_epochs=100,
+                        num_workers=min(2, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    if args.shots is not None:
+        args.train_ref_shot = args.shots
+    return args
+
+
+def run_epochs(args, extractor, samples, normals, device, epochs: int, profile: StageProfile | None,
+               legacy: bool = False):
+    """Train ``epochs`` epochs from the seed; returns (per-epoch seconds, per-step losses)."""
+    seed_everything(args.seed)
+    model = build_model(args, extractor.channels).to(device)
+    import legacy as old
+    trainer = (old.LegacyTrainer if legacy else training.Trainer)(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    pool = (old.LegacyReferencePool if legacy else training.TrainReferencePool)(
+        extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
+    loader = make_loader(samples, extractor, args.batch_size, args.num_workers, shuffle=True, drop_last=True,
+                         generator=generator)
+    step_losses, epoch_seconds = [], []
+    original_step = trainer.train_step
+
+    def recording_step(*a, **k):
+        out = original_step(*a, **k)
+        step_losses.append(out)
+        return out
+
+    trainer.train_step = recording_step
+    encoded = 0
+    context = old.legacy_matching() if legacy else contextlib.nullcontext()
+    with context:
+        for epoch in range(epochs):
+            _one_epoch(args, extractor, trainer, pool, loader, generator, device, profile, epoch, epoch_seconds)
+            encoded += getattr(pool, "encoded_last_refresh", 0)
+    return epoch_seconds, step_losses, encoded
+
+
+def _one_epoch(args, extractor, trainer, pool, loader, generator, device, profile, epoch, epoch_seconds):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with profile.stage("reference pool refresh") if profile is not None else contextlib.nullcontext():
+        pool.refresh(generator)
+    training.train_one_epoch(trainer, extractor, loader, pool, False, generator, device, desc=f"epoch {epoch + 1}")
+    sync()
+    epoch_seconds.append(time.perf_counter() - start)
+
+
+def install_stages(profile: StageProfile, extractor) -> None:
+    """Wrap the stages of a training step of the real code path."""
+    last_level = [0]
+
+    def flow_name(self, level, *a, **k):
+        last_level[0] = level
+        return f"flow L{level + 1} forward"
+
+    def step_name(guard, loss, optimizer):
+        for key, opt in current_trainer[0].optimizers.items():
+            if opt is optimizer:
+                return f"{key} backward + Adam" if key != "flow" else f"flow L{last_level[0] + 1} backward + Adam"
+        return "backward + Adam"
+
+    current_trainer = [None]
+    original_init = training.Trainer.__post_init__
+
+    def remember(self):
+        current_trainer[0] = self
+        original_init(self)
+
+    training.Trainer.__post_init__ = remember
+    profile._undo.append(lambda: setattr(training.Trainer, "__post_init__", original_init))
+    original_tqdm = training.tqdm
+    training.tqdm = lambda iterable, **kw: profile.iterate(iterable, "loading")
+    profile._undo.append(lambda: setattr(training, "tqdm", original_tqdm))
+    profile.patch(extractor, "forward", "backbone")
+    profile.patch(resad, "match_references", "matching")
+    profile.patch(MultiScaleVQ, "loss", "VQ loss")
+    profile.patch(FeatureConstraintor, "forward", "constraintor forward")
+    profile.patch(training, "occ_loss", "OCC loss")
+    profile.patch(resad.ResAD, "flow_log_likelihoods", flow_name)
+    profile.patch(training, "flow_loss", "flow losses")
+    profile.patch(training, "normal_boundary", "flow losses")
+    profile.patch(training.StepGuard, "step", step_name)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    tune_cpu_allocator()
+    device = resolve_device(args.device)
+    configure_device(device)
+    extractor = build_benchmark_extractor(args, device)
+    samples, normals, source = training_workload(args, extractor)
+    steps = len(samples) // args.batch_size
+    print(f"device {device}, backbone {extractor.name}{' (random weights)' if args.random_weights else ''}, "
+          f"{len(samples)} training images of {len(normals)} classes ({source}), batch {args.batch_size} "
+          f"({steps} steps), {args.train_ref_shot} reference shots from a pool of {args.train_ref_pool}, "
+          f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, load {load_average()}")
+
+    profile = StageProfile(device)
+    install_stages(profile, extractor)
+    try:
+        # Multiply-accumulates: counted on one step (one batch, its images as the pool), then scaled.
+        profile.counting = True
+        first = samples[: args.batch_size]
+        first_normals = {}
+        for s in first:
+            first_normals.setdefault(s.class_name, []).append(s)
+        counted_pool = run_epochs(args, extractor, first, first_normals, device, 1, profile)[2]
+        profile.counting = False
+        rate = matmul_rate_gmacs(device)
+        seconds, losses, encoded = run_epochs(args, extractor, samples, normals, device, args.epochs, profile)
+    finally:
+        profile.restore()
+    total = sum(seconds)
+
+    def scale(name: str) -> float:
+        return encoded / max(counted_pool, 1) if name == "reference pool refresh" else steps * args.epochs
+
+    print(profile.table(total, rate, scale_macs=scale, title=f"training, {args.epochs} epoch(s)"))
+    print(f"reference pool: {encoded} images encoded in {args.epochs} epoch(s) (the previous implementation: "
+          f"{sum(min(len(v), args.train_ref_pool) for v in normals.values()) * args.epochs})")
+    print(f"seconds per epoch  : {_epochs_line(seconds)}")
+    print(f"images/s           : {len(samples) * args.epochs / total:.2f}")
+    print(f"peak memory (RSS)  : {peak_memory_gib():.2f} GiB"
+          + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+    print(f"load average after : {load_average()}")
+
+    if args.compare:
+        # The previous implementation without the profile's wrappers (they cost well under 1 %),
+        # from the same seed, right after the profiled run of this one.
+        old_seconds, old_losses, _ = run_epochs(args, extractor, samples, normals, device, args.epochs, None,
+                                                legacy=True)
+        worst = 0.0
+        for new, old in zip(losses, old_losses):
+            for key in ("vq", "occ", "flow"):
+                if new[key] is not None and old[key] is not None:
+                    worst = max(worst, abs(new[key] - old[key]) / max(abs(old[key]), 1e-12))
+        print(f"previous implementation: {_epochs_line(old_seconds)}")
+        print(f"this implementation    : {_epochs_line(seconds)}")
+        print(f"speed-up (total)       : {sum(old_seconds) / sum(seconds):.2f}x; load {load_average()}")
+        print(f"losses of {len(losses)} steps, largest relative difference: {worst:.2e} "
+              f"({'OK' if worst <= 1e-5 and len(losses) == len(old_losses) else 'DIFFERENT'}, tolerance 1e-5)")
+
+
+def _epochs_line(seconds) -> str:
+    line = " ".join(f"{s:.2f}" for s in seconds)
+    if len(seconds) > 1:
+        line += f" (first {seconds[0]:.2f}, then mean {sum(seconds[1:]) / (len(seconds) - 1):.2f})"
+    return line
+
+
+if __name__ == "__main__":
+    from utils.errors import run_cli
+
+    raise SystemExit(run_cli(main))

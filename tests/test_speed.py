@@ -1,0 +1,219 @@
+"""The fast paths compute what the plain ones compute: certified matching, the reference
+pool's feature reuse, a training epoch against the previous implementation; and the
+first-run checks that run before any backbone is built."""
+import contextlib
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import models.residual as residual
+from datasets import Sample
+from models.residual import certified_argmax_rows, nearest_reference_indices, similarity_error_bound
+from models.resad import ResAD
+from utils.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def _brute_force_argmax(queries: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
+    """Arg-max of the exact (float64) dot products of the given float32 unit rows, one query at a time."""
+    q, b = queries.double().numpy(), bank.double().numpy()
+    return np.array([int(np.argmax(b @ row)) for row in q])
+
+
+def _near_tied(dim: int, distinct: int = 40, copies: int = 5, queries: int = 200):
+    """A bank of clusters of almost identical rows (1e-6 apart: no 16-bit dtype can order them)."""
+    base = F.normalize(torch.randn(distinct, dim), dim=1)
+    bank = base.repeat(copies, 1) + 1e-6 * torch.randn(distinct * copies, dim)
+    picks = torch.randint(0, distinct, (queries,))
+    q = base[picks] + 1e-5 * torch.randn(queries, dim)
+    return q, bank
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [24, 112])
+def test_certified_matcher_equals_brute_force_on_near_ties(dtype, dim):
+    q, bank = _near_tied(dim)
+    q, bank = F.normalize(q, dim=1), F.normalize(bank, dim=1)
+    expected = _brute_force_argmax(q, bank)
+    approx = torch.mm(q.to(dtype), bank.t().to(dtype)).float().argmax(1)
+    assert (approx.numpy() != expected).mean() > 0.3  # the 16-bit products alone get these wrong
+    got = certified_argmax_rows(q, bank, dtype)
+    assert (got.numpy() == expected).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [24, 256])
+def test_similarity_error_bound_holds(dtype, dim):
+    # rows with a few large and many tiny entries (subnormal in float16) and plain random rows
+    spiky = torch.randn(300, dim) * torch.where(torch.rand(300, dim) < 0.1, 1.0, 1e-6)
+    rows = F.normalize(torch.cat([spiky, torch.randn(300, dim), torch.rand(300, dim)]), dim=1)
+    exact = rows.double() @ rows.double().t()
+    approx = torch.mm(rows.to(dtype), rows.t().to(dtype)).double()
+    assert (approx - exact).abs().max().item() <= similarity_error_bound(dtype, dim)
+
+
+def test_nearest_reference_indices_certified_path(monkeypatch):
+    q, bank = _near_tied(40, queries=257)
+    expected = _brute_force_argmax(F.normalize(q, dim=1), F.normalize(bank, dim=1))
+    monkeypatch.setitem(residual.APPROXIMATE_SIMILARITY_DTYPE, "cpu", torch.float16)
+    monkeypatch.setitem(residual._MAX_BLOCK_ELEMENTS, "cpu", 200 * 30)  # blocks of 30 query rows
+    assert (nearest_reference_indices(q, F.normalize(bank, dim=1)).numpy() == expected).all()
+
+
+# --------------------------------------------------------------------------- reference pool reuse
+
+class TinyExtractor:
+    """A deterministic stand-in for a frozen backbone: 3 levels of average-pooled pixels."""
+
+    channels = [4, 4, 4]
+    image_size = 32
+    mean = (0.5, 0.5, 0.5)
+    std = (0.25, 0.25, 0.25)
+
+    def __init__(self):
+        self.images_seen = 0
+
+    def __call__(self, images):
+        self.images_seen += images.shape[0]
+        x = torch.cat([images, images[:, :1] * images[:, 1:2]], dim=1)
+        return [F.avg_pool2d(x, k) for k in (4, 8, 16)]
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    rng = np.random.default_rng(0)
+    normals = {}
+    for name in ("a", "b"):
+        normals[name] = []
+        for i in range(3):
+            path = tmp_path / f"{name}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+            normals[name].append(Sample(str(path), 0, (), name))
+    return normals
+
+
+def test_pool_encodes_only_new_images_and_serves_batches(tiny_images):
+    from utils.loaders import make_loader
+    from utils.training import TrainReferencePool
+
+    extractor = TinyExtractor()
+    pool = TrainReferencePool(extractor, tiny_images, pool_size=2, batch_size=4, num_workers=0,
+                              device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    for refresh in range(4):
+        before = pool._where.copy()
+        seen = extractor.images_seen
+        pool.refresh(generator)
+        new = [p for p in pool._where if p not in before]
+        assert extractor.images_seen - seen == len(new)
+        for name, levels in pool.features.items():  # the pool holds exactly the chosen images' features
+            paths = [p for p, (owner, _) in sorted(pool._where.items(), key=lambda kv: kv[1][1]) if owner == name]
+            batch = next(iter(make_loader([Sample(p, 0, (), name) for p in paths], extractor, 8, 0)))
+            for level, direct in zip(levels, TinyExtractor()(batch["image"])):
+                assert torch.allclose(level, direct, atol=1e-6)
+    inside = list(pool._where)[:3]
+    batch = next(iter(make_loader([Sample(p, 0, (), "x") for p in inside], extractor, 8, 0)))
+    for got, direct in zip(pool.lookup(inside), TinyExtractor()(batch["image"])):
+        assert torch.allclose(got, direct, atol=1e-6)
+    outside = next(s.image for group in tiny_images.values() for s in group if s.image not in pool._where)
+    assert pool.lookup(inside + [outside]) is None
+
+
+def test_training_epoch_gives_the_losses_of_the_previous_implementation(tiny_images):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import legacy
+    from tests.test_engine import make_args
+    from utils.loaders import make_loader
+    from utils.training import Trainer, TrainReferencePool, train_one_epoch
+
+    samples = [s for group in tiny_images.values() for s in group]
+    args = make_args(lr=1e-3, train_ref_shot=2, batch_size=4, num_embeddings=16, coupling_layers=2,
+                     pos_embed_dim=16)
+
+    def run(old: bool):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        model = ResAD(TinyExtractor.channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=16)
+        trainer = (legacy.LegacyTrainer if old else Trainer)(model, args)
+        generator = torch.Generator().manual_seed(0)
+        pool = (legacy.LegacyReferencePool if old else TrainReferencePool)(
+            TinyExtractor(), tiny_images, 2, 4, 0, torch.device("cpu"))
+        loader = make_loader(samples, TinyExtractor(), 4, 0, shuffle=True, drop_last=True, generator=generator)
+        losses = []
+        with legacy.legacy_matching() if old else contextlib.nullcontext():
+            for _ in range(2):
+                pool.refresh(generator)
+                losses.append(train_one_epoch(trainer, pool.extractor, loader, pool, False, generator,
+                                              torch.device("cpu"), desc="test"))
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    new_losses, new_params = run(False)
+    old_losses, old_params = run(True)
+    for new, old in zip(new_losses, old_losses):
+        for key in ("vq", "occ", "flow"):
+            assert math.isfinite(old[key])
+            assert new[key] == pytest.approx(old[key], rel=1e-5)
+    for a, b in zip(new_params, old_params):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- first-run checks
+
+def _no_backbone(*args, **kwargs):
+    raise AssertionError("the backbone was built before the paths were checked")
+
+
+def test_extract_ref_features_checks_paths_before_the_backbone(tmp_path, monkeypatch):
+    import extract_ref_features
+
+    monkeypatch.setattr(extract_ref_features, "build_extractor", _no_backbone)
+    with pytest.raises(UserError, match="few-shot folder"):
+        extract_ref_features.main(["--dataset", "mvtec", "--few_shot_dir", str(tmp_path / "typo"),
+                                   "--save_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="--few_shot_dir is empty"):
+        extract_ref_features.main(["--dataset", "mvtec", "--few_shot_dir", ""])
+
+
+def test_fit_checks_reference_features_before_the_backbone(tmp_path, monkeypatch):
+    from datasets import generate_demo_dataset
+    from tests.test_engine import make_args
+    import utils.engine as engine
+
+    root = generate_demo_dataset(str(tmp_path / "demo"), n_train=2, n_test_good=1, n_test_anomalous=1)
+    monkeypatch.setattr(engine, "build_extractor", _no_backbone)
+    args = make_args(setting="demo", train_dataset_dir=root, test_dataset_dir=root, batch_size=2,
+                     train_ref_shot=1, test_ref_feature_dir=str(tmp_path / "typo"),
+                     checkpoint_path=str(tmp_path / "ckpt"))
+    with pytest.raises(UserError, match="--test_ref_feature_dir .*folder not found"):
+        engine.fit(args, [1], {1: "demo"})
+
+
+def test_empty_dataset_flag_is_named():
+    from datasets import test_samples
+
+    with pytest.raises(UserError, match="^--test_dataset_dir is empty"):
+        test_samples("mvtec", "", "bottle")
+
+
+def test_download_without_result_fails(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    import download_fewshot
+    from utils.errors import run_cli
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path))
+    assert run_cli(download_fewshot.main, ["--out", str(tmp_path)]) == 2
