@@ -24,7 +24,8 @@ from utils.runtime import tune_cpu_allocator
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="mvtec", help="mvtec, visa, btad, mvtec3d, mpdd, mvtecloco, brats or demo")
+    parser.add_argument("--dataset", default="mvtec", help="mvtec, visa, btad, mvtec3d, mpdd, mvtecloco, brats, demo, or folder "
+                             "(your own: the classes are the sub-folders of --few_shot_dir)")
     parser.add_argument("--few_shot_dir", default="./data/4shot/mvtec", help="<few_shot_dir>/<class>/train/good/*")
     parser.add_argument("--save_dir", default="./ref_features/w50/mvtec_4shot")
     parser.add_argument("--shots", type=int, default=None, help="use the first N images per class (default: all)")

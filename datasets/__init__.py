@@ -11,12 +11,12 @@ from .fewshot import list_fewshot_images
 from .files import IMAGE_EXTENSIONS, is_image_file, list_image_files
 from .image_io import open_image, read_image, read_mask
 from .layout import LAYOUTS, detect_layout
-from .registry import (DATASETS, SETTINGS, DatasetInfo, Setting, get_dataset, get_setting,
-                       test_samples, training_samples)
+from .registry import (CUSTOM, DATASETS, SETTINGS, DatasetInfo, Setting, custom_setting, dataset_classes,
+                       get_dataset, get_setting, setting_from_args, test_samples, training_samples)
 from .synthetic import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 
 __all__ = [
-    "ANOMALOUS", "AnomalyDataset", "DATASETS", "DEMO_SEEN", "DEMO_UNSEEN", "DatasetInfo",
+    "ANOMALOUS", "AnomalyDataset", "CUSTOM", "custom_setting", "dataset_classes", "setting_from_args", "DATASETS", "DEMO_SEEN", "DEMO_UNSEEN", "DatasetInfo",
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUTS", "NORMAL", "SETTINGS",
     "Sample", "Setting", "detect_layout", "generate_demo_dataset", "get_dataset", "get_setting",
     "is_image_file", "list_fewshot_images", "list_image_files", "open_image", "read_image",

@@ -12,9 +12,10 @@ from typing import Callable, Sequence
 
 from utils.errors import UserError
 
-from . import brats, btad, mpdd, mvtec, mvtec3d, mvtecloco, synthetic, visa
+from . import brats, btad, mpdd, mvtec, mvtec3d, mvtecloco, synthetic, user_folder, visa
 from .base import Sample
-from .layout import LAYOUTS
+from .files import list_subfolders
+from .layout import LAYOUTS, check_root
 
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -75,6 +76,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     _folder_dataset("mvtecloco", mvtecloco, MVTECLOCO_CLASSES),
     _folder_dataset("brats", brats, BRATS_CLASSES),
     _folder_dataset("demo", synthetic, synthetic.DEMO_SEEN + synthetic.DEMO_UNSEEN),
+    _folder_dataset(user_folder.NAME, user_folder, ()),  # classes: the sub-folders of its root
 )}
 
 
@@ -107,6 +109,9 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
     Setting("demo", "demo", "demo", synthetic.DEMO_SEEN, synthetic.DEMO_UNSEEN),
 )}
 
+CUSTOM = "custom"
+"""``--setting custom``: source, target and classes come from their own flags."""
+
 
 def get_dataset(name: str) -> DatasetInfo:
     """The dataset called ``name``; UserError listing the valid names otherwise."""
@@ -118,15 +123,68 @@ def get_dataset(name: str) -> DatasetInfo:
 def get_setting(name: str) -> Setting:
     """The setting called ``name``; UserError listing the valid names otherwise."""
     if name not in SETTINGS:
-        raise UserError(f"unknown setting '{name}' (--setting); choose one of {', '.join(SETTINGS)}")
+        raise UserError(f"unknown setting '{name}' (--setting); choose one of "
+                        f"{', '.join(list(SETTINGS) + [CUSTOM])}")
     return SETTINGS[name]
 
 
-def _check_classes(info: DatasetInfo, classes: Sequence[str]) -> None:
-    unknown = [name for name in classes if name not in info.classes]
+def dataset_classes(name: str, root: str = "", hint: str = TRAIN_DIR_FLAG) -> tuple[str, ...]:
+    """The classes of a dataset: its fixed list, or for ``folder`` the sub-folders of ``root``."""
+    info = get_dataset(name)
+    if name != user_folder.NAME:
+        return info.classes
+    check_root(root, hint)
+    classes = tuple(list_subfolders(root))
+    if not classes:
+        raise UserError(f"{root} holds no class folders (expected <root>/<cls>/train/good, "
+                        f"<cls>/test/<type>, <cls>/ground_truth/<type>/<name>_mask.png); check {hint}")
+    return classes
+
+
+def setting_from_args(args) -> Setting:
+    """The setting of a run: a named one, or ``--setting custom`` built from
+    ``--source_dataset``, ``--target_dataset``, ``--seen_classes`` and ``--unseen_classes``."""
+    if args.setting != CUSTOM:
+        return get_setting(args.setting)
+    return custom_setting(getattr(args, "source_dataset", None), getattr(args, "target_dataset", None),
+                          getattr(args, "seen_classes", None), getattr(args, "unseen_classes", None),
+                          args.train_dataset_dir, args.test_dataset_dir)
+
+
+def custom_setting(source: str, target: str, seen: Sequence[str] = None, unseen: Sequence[str] = None,
+                   train_root: str = "", test_root: str = "") -> Setting:
+    """Train on ``seen`` classes of ``source`` (default: all), test on ``unseen`` of ``target`` (default: all).
+
+    Raises:
+        UserError: a dataset missing or unknown, an unknown class, or a class on both sides.
+    """
+    for flag, value in (("--source_dataset", source), ("--target_dataset", target)):
+        if not value:
+            raise UserError(f"--setting custom needs {flag} (one of {', '.join(DATASETS)})")
+        get_dataset(value)
+    sides = {}
+    for flag, dataset, chosen, root, hint in (("--seen_classes", source, seen, train_root, TRAIN_DIR_FLAG),
+                                              ("--unseen_classes", target, unseen, test_root, TEST_DIR_FLAG)):
+        available = dataset_classes(dataset, root, hint)
+        unknown = [c for c in chosen or () if c not in available]
+        if unknown:
+            raise UserError(f"{flag}: unknown {dataset} class(es) {', '.join(unknown)}; choose from "
+                            f"{', '.join(available)}")
+        sides[flag] = tuple(dict.fromkeys(chosen)) if chosen else available
+    both = [c for c in sides["--seen_classes"] if c in sides["--unseen_classes"]]
+    if both:
+        listed = ", ".join(both[:4]) + (f" and {len(both) - 4} more" if len(both) > 4 else "")
+        raise UserError(f"class(es) {listed} both seen and unseen: the test classes must be new "
+                        f"to the model; split them with --seen_classes / --unseen_classes")
+    return Setting(CUSTOM, source, target, sides["--seen_classes"], sides["--unseen_classes"])
+
+
+def _check_classes(info: DatasetInfo, classes: Sequence[str], root: str = "", hint: str = TRAIN_DIR_FLAG) -> None:
+    available = dataset_classes(info.name, root, hint)
+    unknown = [name for name in classes if name not in available]
     if unknown:
         raise UserError(f"unknown {info.title} class(es) {', '.join(unknown)}; choose from "
-                        f"{', '.join(info.classes)}")
+                        f"{', '.join(available)}")
 
 
 def training_samples(dataset_name: str, root: str, classes: Sequence[str], stage: int,
@@ -140,7 +198,7 @@ def training_samples(dataset_name: str, root: str, classes: Sequence[str], stage
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     info = get_dataset(dataset_name)
-    _check_classes(info, classes)
+    _check_classes(info, classes, root, hint)
     splits = ("train",) if stage == 1 else ("train", "test")
     return [sample for class_name in classes for split in splits
             for sample in info.list_samples(root, class_name, split, hint)]
@@ -150,7 +208,7 @@ def test_samples(dataset_name: str, root: str, class_name: str,
                  hint: str = TEST_DIR_FLAG) -> list[Sample]:
     """The test samples (normal and anomalous) of one class of a dataset."""
     info = get_dataset(dataset_name)
-    _check_classes(info, [class_name])
+    _check_classes(info, [class_name], root, hint)
     return info.list_samples(root, class_name, "test", hint)
 
 

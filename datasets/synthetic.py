@@ -27,7 +27,7 @@ from utils.errors import UserError
 from . import mvtec
 from .synthetic_draw import DEMO_CLASSES, add_defect, to_uint8
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = ".complete"
 """File written last, holding the generator version and parameters."""
 
@@ -140,7 +140,8 @@ def _write_class(class_dir: str, class_name: str, key: tuple[int, int], n_train:
         defect = defects[index % len(defects)]
         name = f"{index // len(defects):03d}"
         image, foreground = demo_class.render(rng)
-        image, mask = add_defect(rng, image, foreground, defect)
+        image, mask = add_defect(rng, image, foreground, defect, rng.uniform(*demo_class.strength),
+                                 demo_class.max_fraction)
         _save_png(to_uint8(rng, image), os.path.join(class_dir, "test", defect, f"{name}.png"))
         _save_png(mask.astype(np.uint8) * 255,
                   os.path.join(class_dir, "ground_truth", defect, f"{name}_mask.png"))

@@ -9,6 +9,7 @@ and checkpoints, and resumes from a checkpoint when asked.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -18,13 +19,15 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 import torch
 
-from datasets import Sample, get_setting, test_samples, training_samples
+from datasets import AnomalyDataset, Sample, get_setting, setting_from_args, test_samples, training_samples
+from datasets.anomaly_source import SyntheticAnomalyDataset, choose_anomaly_source
 from models.extractor import (FeatureExtractor, build_extractor, build_extractor_from_args, check_weights_path,
                               is_vit)
 from models.resad import ResAD
 from utils import io, run_record
 from utils.errors import UserError
-from utils.evaluation import RunOutputs, evaluate, summary_line, write_evaluation
+from utils.baseline import run_knn_baseline
+from utils.evaluation import RunOutputs, evaluate, summary_line, write_baseline, write_evaluation
 from utils.history import TrainingHistory, check_tensorboard
 from utils.runtime import resolve_device
 from utils.seed import rng_state, seed_everything, set_rng_state
@@ -95,14 +98,20 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
                         "add --eval_only to evaluate it, or use --resume to continue training")
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    setting = get_setting(args.setting)
+    setting = setting_from_args(args)
     outputs = {k: RunOutputs(io.check_writable(os.path.join(args.checkpoint_path, run_names[k])), run_names[k])
                for k in shots}
 
     # Check every input before spending time on training.
     test_sets = {c: test_samples(setting.target, args.test_dataset_dir, c) for c in setting.unseen_classes}
-    stage_samples = {stage: training_samples(setting.source, args.train_dataset_dir, setting.seen_classes, stage=stage)
-                     for stage in (1, 2)}
+    if getattr(args, "baseline", None):  # training-free: no training data, no model
+        extractor = extractor or build_extractor_from_args(args, device)
+        banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(),
+                                        max(shots), device)
+        return run_knn_baseline(outputs, extractor, test_sets, banks, shots, args, device)
+    stage_samples = {1: training_samples(setting.source, args.train_dataset_dir, setting.seen_classes, stage=1)}
+    anomaly_source, stage_samples[2] = choose_anomaly_source(getattr(args, "anomaly_source", None), setting,
+                                                             args.train_dataset_dir)
     check_at_least(args, 1, "train_ref_shot", "batch_size", "eval_batch_size", "epochs", "eval_freq",
                    "train_ref_pool", "coupling_layers", "num_embeddings", "max_bad_steps")
     check_at_least(args, 0, "num_workers", "stage1_epochs", "num_heatmaps")
@@ -133,7 +142,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     model = build_model(args, extractor.channels).to(device)
     trainer = Trainer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
-    start_epoch, best, last_tables, resumed_from = 0, {}, {}, None
+    start_epoch, best, last_tables, resumed_from, baseline = 0, {}, {}, None, {}
 
     if args.resume:
         path = args.resume if args.resume != "auto" else outputs[shots[0]].path("_latest.pth")
@@ -156,9 +165,14 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     histories = {k: TrainingHistory(outputs[k], getattr(args, "tensorboard", None), start_epoch) for k in shots}
 
     pool = TrainReferencePool(extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
+    stage2_dataset = AnomalyDataset if anomaly_source == "real" else functools.partial(
+        SyntheticAnomalyDataset, fraction=args.synthetic_fraction, families=args.synthetic_defects, seed=args.seed)
     loaders = {stage: make_loader(stage_samples[stage], extractor, args.batch_size, args.num_workers,
                                   shuffle=True, drop_last=True, generator=generator,
-                                  persistent=device.type == "cuda") for stage in (1, 2)}
+                                  dataset_class=AnomalyDataset if stage == 1 else stage2_dataset,
+                                  # set_epoch must reach the workers of a synthetic stage 2: no persistent ones
+                                  persistent=device.type == "cuda" and (stage == 1 or anomaly_source == "real"))
+               for stage in (1, 2)}
     print(f"{args.setting}: {len(setting.seen_classes)} seen classes ({len(stage_samples[1])} normal / "
           f"{len(stage_samples[2])} stage-2 training images), {len(setting.unseen_classes)} unseen classes, "
           f"backbone {extractor.name} {extractor.channels}, device {device}")
@@ -174,12 +188,15 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     def run_evaluation(done: int) -> None:
         final, started = done == args.epochs, time.time()
         results = evaluate(model, extractor, test_sets, banks, shots, args, device,
-                           num_heatmaps=args.num_heatmaps if final else 0)
+                           num_heatmaps=args.num_heatmaps if final else 0, baseline=baseline)
         improved = []
         for k in shots:
             last_tables[k] = write_evaluation(outputs[k], done, results[k], heatmaps=final)
             histories[k].add_evaluation(done, last_tables[k], time.time() - started)
             print(summary_line(f"{outputs[k].name} epoch {done}", last_tables[k]))
+            knn_table = write_baseline(outputs[k], done, results[k])
+            if knn_table is not None:
+                print(summary_line(f"{outputs[k].name} kNN baseline", knn_table))
             value = float(last_tables[k].iloc[-1][args.best_metric])
             if math.isfinite(value) and value > best.get(k, {}).get("value", -math.inf):
                 best[k] = {"metric": args.best_metric, "value": value, "epoch": done}
@@ -203,6 +220,8 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
                   f"{pool.memory_bytes() / 2 ** 20:.0f} MiB on {device}")
         stage2 = epoch >= args.stage1_epochs
         skipped_before, lr = trainer.guard.skipped, trainer.schedulers["flow"].get_last_lr()[0]
+        if hasattr(loaders[2].dataset, "set_epoch"):
+            loaders[2].dataset.set_epoch(epoch)  # synthetic anomalies: new ones each epoch, reproducibly
         losses = train_one_epoch(trainer, extractor, loaders[2 if stage2 else 1], pool, stage2, generator, device,
                                  desc=f"epoch {epoch + 1}/{args.epochs}")
         for scheduler in trainer.schedulers.values():
@@ -260,7 +279,7 @@ def _load_banks(args: argparse.Namespace, classes: Sequence[str], extractor: Fea
 
 def _trained_on(args: argparse.Namespace, extractor: FeatureExtractor) -> dict:
     """What a checkpoint's model was trained on, as plain values (checked by --eval_only)."""
-    setting = get_setting(args.setting)
+    setting = setting_from_args(args)
     return {"setting": args.setting, "source": setting.source, "seen_classes": list(setting.seen_classes),
             "backbone": extractor.name, "channels": [int(c) for c in extractor.channels],
             "layers": [int(i) for i in extractor.layers], "feature_levels": len(extractor.channels)}
@@ -315,7 +334,7 @@ def evaluate_checkpoint(args: argparse.Namespace, shots: Sequence[int], run_name
         raise UserError("--eval_only: give the trained model with --checkpoint FILE (a *_latest.pth or *_best.pth)")
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    setting = get_setting(args.setting)
+    setting = setting_from_args(args)
     ckpt = io.load_checkpoint(args.checkpoint, flag="--checkpoint")
     trained = _checked_trained_on(ckpt, args.checkpoint, setting)
     outputs = {k: RunOutputs(io.check_writable(os.path.join(args.checkpoint_path, run_names[k])), run_names[k])

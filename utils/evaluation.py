@@ -5,7 +5,7 @@ import argparse
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from datasets import AnomalyDataset, Sample
 from models.anomaly_map import anomaly_maps
 from models.extractor import FeatureExtractor
+from models.knn_baseline import KnnAccumulator
 from models.residual import ReferenceBank
 from models.resad import ResAD
 from utils import io
@@ -31,6 +32,7 @@ class ClassEvaluation:
     heatmaps: List[dict]                 # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range,
                                          # role, score, threshold
     group_metrics: List[Dict[str, float]] = field(default_factory=list)  # one per reference group
+    baseline: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images (first k shots)
 
     @property
     def std(self) -> Dict[str, float]:
@@ -67,13 +69,17 @@ def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[Refere
 @torch.inference_mode()
 def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
              banks: Dict[str, ReferenceBank], shots: Sequence[int], args: argparse.Namespace,
-             device: torch.device, num_heatmaps: int = 0) -> Dict[int, Dict[str, ClassEvaluation]]:
+             device: torch.device, num_heatmaps: int = 0,
+             baseline: Optional[dict] = None) -> Dict[int, Dict[str, ClassEvaluation]]:
     """Evaluate every unseen class for every number of shots.
 
     Per batch the features are extracted once and matched once per reference
     group against the largest bank (:meth:`ResAD.forward_shots`); each k reads
     its nearest references off that matching.  With ``args.ref_groups`` N > 1
     every k is evaluated with N seeded draws of its references (mean and std).
+    With ``baseline`` (a dict, kept by the caller across evaluations) the kNN
+    baseline's metrics are computed once per (shots, class), on the first k
+    shots, and attached to the results.
     """
     model.eval()
     shots = [int(k) for k in shots]
@@ -85,8 +91,12 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
         group_banks = reference_groups(banks[class_name], num_groups, args.seed)
         collected = {(g, k): ([[] for _ in levels], [[] for _ in levels]) for g in range(num_groups) for k in shots}
         labels, masks = [], []
+        knn = KnnAccumulator([k for k in shots if (k, class_name) not in baseline]) if baseline is not None else None
+        knn_banks = {k: banks[class_name].take(k) for k in knn.levels} if knn is not None else {}
         for batch in tqdm(loader, desc=f"eval {class_name}", leave=False, dynamic_ncols=True):
             features = extractor(batch["image"].to(device, non_blocking=True))
+            if knn is not None:
+                knn.add(features, knn_banks)
             for g, bank in enumerate(group_banks):
                 for k, (logps, probs) in model.forward_shots(features, bank, shots).items():
                     for level in levels:
@@ -108,7 +118,12 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = {m: float(np.nanmean([grp[m] for grp in groups])) for m in METRIC_NAMES}
-            results[k][class_name] = ClassEvaluation(mean, heat, groups)
+            if knn is not None and k in knn.levels:
+                baseline[(k, class_name)] = compute_metrics(
+                    knn.maps(k, extractor.image_size, args.smooth_sigma).numpy(), labels_np, masks_np,
+                    compute_aupro=not args.no_aupro)
+            results[k][class_name] = ClassEvaluation(
+                mean, heat, groups, baseline=baseline.get((k, class_name)) if baseline is not None else None)
     return results
 
 
@@ -153,6 +168,11 @@ def results_table(per_class: Dict[str, ClassEvaluation]) -> pd.DataFrame:
                             for m in METRIC_NAMES} for g in range(num_groups)]
         mean.update({f"{m} std": v for m, v in _group_std(group_means).items()})
     return pd.concat([frame, pd.DataFrame([{"Class Name": "Mean", **mean}])], ignore_index=True)
+
+
+def metrics_table(per_class: Dict[str, Dict[str, float]]) -> pd.DataFrame:
+    """One row per class and a ``Mean`` row, in the CSV columns, from plain metric dicts."""
+    return results_table({name: ClassEvaluation(metrics, []) for name, metrics in per_class.items()})
 
 
 def summary_line(tag: str, table: pd.DataFrame) -> str:
@@ -201,4 +221,14 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEval
                     os.path.join(out.folder, "heatmaps", f"{class_name}_{item['role']}_{kind}_{stem}.png"), **item,
                     title=f"{out.name}: {class_name} / {item['role']} ({kind}/{stem})\n"
                           f"image score {item['score']:.3f} {judged}")
+    return table
+
+
+def write_baseline(out: RunOutputs, epoch: int, per_class: Dict[str, ClassEvaluation]) -> Optional[pd.DataFrame]:
+    """``<run>_epoch<E>_baseline.csv``: the kNN baseline's row per class beside ResAD's; None without one."""
+    metrics = {name: ev.baseline for name, ev in per_class.items() if ev.baseline is not None}
+    if not metrics:
+        return None
+    table = metrics_table(metrics)
+    io.save_csv(out.path(f"_epoch{epoch}_baseline.csv"), table)
     return table

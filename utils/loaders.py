@@ -1,7 +1,7 @@
 """The DataLoader every loop uses (training, reference pools, evaluation, extraction)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,11 +12,13 @@ from models.extractor import FeatureExtractor
 
 def make_loader(samples: Sequence[Sample], extractor: FeatureExtractor, batch_size: int, num_workers: int,
                 shuffle: bool = False, drop_last: bool = False, generator: Optional[torch.Generator] = None,
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, dataset_class: Callable[..., AnomalyDataset] = AnomalyDataset) -> DataLoader:
     """``persistent``: keep the worker processes between epochs (for loaders iterated many times;
     used on CUDA runs, where the GPU would otherwise wait for the workers' start-up every epoch).
-    Batches go to pinned memory when CUDA is present, so ``.to(device, non_blocking=True)`` overlaps."""
-    dataset = AnomalyDataset(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std)
+    Batches go to pinned memory when CUDA is present, so ``.to(device, non_blocking=True)`` overlaps.
+    ``dataset_class`` builds the dataset from the samples (e.g. a partial of
+    :class:`datasets.anomaly_source.SyntheticAnomalyDataset`)."""
+    dataset = dataset_class(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std)
     # A loader draws its workers' base seed from its generator; giving every loader one keeps
     # the global random state untouched by evaluation, so a resumed run repeats an uninterrupted one.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)

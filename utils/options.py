@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from datasets.anomaly_source import ANOMALY_SOURCES
+from datasets.defects import DEFECT_FAMILIES
 from models.extractor import DEFAULT_BACKBONE, IMAGEBIND_BACKBONE
 from models.imagebind import IMAGEBIND_WEIGHTS
 from models.flow import FLOW_ARCHS
+from models.knn_baseline import BASELINES
 from models.residual import RESIDUAL_MODES
 from utils.metrics import METRIC_NAMES
 
@@ -31,7 +34,8 @@ def add_backbone_arguments(group) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
-    data.add_argument("--setting", default="visa_to_mvtec", help="seen -> unseen setting, e.g. mvtec_to_visa, or demo")
+    data.add_argument("--setting", default="visa_to_mvtec",
+                      help="seen -> unseen setting, e.g. mvtec_to_visa, demo, or custom (see --source_dataset)")
     data.add_argument("--train_dataset_dir", default="", help="root of the SOURCE (seen) dataset")
     data.add_argument("--test_dataset_dir", default="", help="root of the TARGET (unseen) dataset")
     data.add_argument("--test_ref_feature_dir", default="./ref_features/w50/mvtec_4shot",
@@ -40,6 +44,21 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data.add_argument("--train_ref_shot", type=int, default=4, help="reference shots per seen class in a batch")
     data.add_argument("--train_ref_pool", type=int, default=16,
                       help="normal training images per seen class encoded each epoch to draw references from")
+    data.add_argument("--source_dataset", default=None,
+                      help="with --setting custom: the training dataset (a name above, or folder)")
+    data.add_argument("--target_dataset", default=None,
+                      help="with --setting custom: the test dataset (a name above, or folder)")
+    data.add_argument("--seen_classes", nargs="+", default=None,
+                      help="with --setting custom: training classes (default: all of the source)")
+    data.add_argument("--unseen_classes", nargs="+", default=None,
+                      help="with --setting custom: test classes (default: all of the target)")
+    data.add_argument("--anomaly_source", default=None, choices=ANOMALY_SOURCES,
+                      help="stage-2 anomalies: real (the source's anomalous test images), synthetic "
+                           "(drawn on normal training images) or mixed; default real when the source has them")
+    data.add_argument("--synthetic_fraction", type=float, default=0.5,
+                      help="share of the normal stage-2 images turned into synthetic anomalies")
+    data.add_argument("--synthetic_defects", nargs="+", default=list(DEFECT_FAMILIES), choices=list(DEFECT_FAMILIES),
+                      help="synthetic defect families to draw")
     data.add_argument("--num_workers", type=int, default=default_workers(), help="data-loading processes")
 
     run = parser.add_argument_group("run")
@@ -62,6 +81,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--max_bad_steps", type=int, default=50,
                      help="stop after this many consecutive non-finite losses")
     run.add_argument("--num_heatmaps", type=int, default=4, help="heat-map images per class after the last epoch")
+    run.add_argument("--baseline", default=None, choices=BASELINES,
+                     help="evaluate only this training-free baseline on the unseen classes (no training)")
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
     run.add_argument("--ref_groups", type=int, default=1,
                      help="evaluate each k with N seeded draws of k references out of the bank "

@@ -18,7 +18,7 @@ def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None
                     classes: Optional[Sequence[str]] = None, batch_size: int = 8) -> Dict[str, list]:
     """Check the arguments of :func:`extract_reference_features` and list the images per class
     (cheap: scripts call it before building the backbone, so a typo costs no download)."""
-    from datasets import get_dataset, list_fewshot_images
+    from datasets import dataset_classes, list_fewshot_images
 
     if shots is not None and shots < 1:
         raise UserError(f"--shots {shots}: must be at least 1")
@@ -26,11 +26,11 @@ def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None
         raise UserError(f"--batch_size {batch_size}: must be at least 1")
     if not few_shot_dir:
         raise UserError("--few_shot_dir is empty: give the folder of <class>/train/good reference images")
-    info = get_dataset(dataset)
-    names = list(classes) if classes else list(info.classes)
-    unknown = [c for c in names if c not in info.classes]
+    available = dataset_classes(dataset, few_shot_dir, "--few_shot_dir")
+    names = list(classes) if classes else list(available)
+    unknown = [c for c in names if c not in available]
     if unknown:
-        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(info.classes)})")
+        raise UserError(f"--classes: {', '.join(unknown)} not in {dataset} (classes: {', '.join(available)})")
     return {c: list_fewshot_images(few_shot_dir, c, max_shots=shots) for c in names}
 
 
