@@ -67,6 +67,7 @@ def install_stages(profile: StageProfile, extractor) -> None:
     profile._undo.append(lambda: setattr(evaluation, "tqdm", original_tqdm))
     profile.patch(extractor, "forward", "backbone")
     profile.patch(resad, "match_references", "matching")
+    profile.patch(resad, "match_references_by_shots", "matching")
     profile.patch(MultiScaleVQ, "quantize", "VQ + EFDM")
     profile.patch(resad, "match_feature_distribution", "VQ + EFDM")
     profile.patch(FeatureConstraintor, "forward", "constraintor")

@@ -73,7 +73,9 @@ class StageProfile:
         self._depth += 1
         try:
             if self.counting:
-                with FlopCounterMode(display=False) as counter:
+                # The counter's module tracker needs autograd nodes of the parameters, which
+                # torch.inference_mode() (evaluation) does not make: count outside of it, without grad.
+                with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
                     yield
                 self.macs[name] += counter.get_total_flops() / 2
             else:
