@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 

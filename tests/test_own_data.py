@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
 import numpy as np
 import pytest
@@ -215,7 +214,6 @@ def small_args(*extra):
 @needs_fewshot
 def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
     """Stage-2 training steps on one batch of a few-shot folder with synthetic anomalies."""
-    from datasets import get_setting
     from models.extractor import OFFLINE_BACKBONE, build_extractor
     from utils.engine import build_model
     from utils.loaders import make_loader
