@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import time
@@ -310,11 +309,7 @@ def _checked_trained_on(ckpt: dict, path: str, setting) -> dict:
 
 def _check_reference_backbone(args: argparse.Namespace, classes: Sequence[str], trained: dict, path: str) -> None:
     for class_name in classes:
-        meta_path = os.path.join(args.test_ref_feature_dir, class_name, io.REFERENCE_META)
-        if not os.path.isfile(meta_path):
-            continue
-        with open(meta_path) as f:
-            backbone = json.load(f).get("backbone")
+        backbone = io.read_reference_meta(args.test_ref_feature_dir, class_name).get("backbone")
         if backbone and backbone != trained["backbone"]:
             raise UserError(f"--test_ref_feature_dir {args.test_ref_feature_dir}: features of '{class_name}' were "
                             f"extracted with --backbone {backbone}, but --checkpoint {path} holds a model trained "
