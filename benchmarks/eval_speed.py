@@ -1,7 +1,8 @@
 """Speed of the whole evaluation, per stage, against the frozen backbone alone, on the same images.
 
     python benchmarks/eval_speed.py                        # offline backbone, synthetic demo images
-    python benchmarks/eval_speed.py --compare              # + the previous matcher, same run, results compared
+    python benchmarks/eval_speed.py --compare              # + the previous implementation (per stage), same run,
+                                                           #   results compared
     python benchmarks/eval_speed.py --shots 2 4 6 8        # + the sweep's time over a 4-shot-only evaluation
     python benchmarks/eval_speed.py --backbone wide_resnet50_2 --random_weights --device cuda --images 1000
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--random_weights", action="store_true",
                         help="build the backbone with random weights (offline timing of any timm CNN)")
     parser.add_argument("--compare", action="store_true",
-                        help="also time the previous matcher in the same run and check the results are identical")
+                        help="also time the previous implementation (benchmarks/legacy.py: matching, VQ, EFDM, "
+                             "flow position tables) per stage in the same run and check the metrics are identical")
     add_training_arguments(parser)
     parser.set_defaults(backbone=OFFLINE_BACKBONE, num_workers=min(4, os.cpu_count() or 1))
     return parser.parse_args(argv)
@@ -145,13 +147,21 @@ def main(argv=None) -> None:
         import legacy
 
         new_s, new_results = run(shots)
+        old_profile = StageProfile(device)
         with legacy.legacy_matching():
-            old_s, old_results = run(shots)
+            install_stages(old_profile, extractor)
+            try:
+                old_s, old_results = run(shots)
+            finally:
+                old_profile.restore()
+        old_profile.macs.update(profile.macs)
+        print(old_profile.table(old_s, rate, scale_macs=scale,
+                                title=f"previous implementation, {shots} shots"))
         same = all(np.array_equal(np.asarray(list(new_results[k][c].metrics.values()), dtype=float),
                                   np.asarray(list(old_results[k][c].metrics.values()), dtype=float), equal_nan=True)
                    for k in shots for c in classes)
-        print(f"previous matcher: {old_s:.1f} s, this one {new_s:.1f} s -> {old_s / new_s:.2f}x; "
-              f"metrics {'identical' if same else 'DIFFERENT'}; load {load_average()}")
+        print(f"previous implementation (benchmarks/legacy.py): {old_s:.1f} s, this one {new_s:.1f} s (untimed "
+              f"stages) -> {old_s / new_s:.2f}x; metrics {'identical' if same else 'DIFFERENT'}; load {load_average()}")
     print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB"
           + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
     print(f"load average after : {load_average()}")

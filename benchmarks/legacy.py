@@ -11,13 +11,16 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+import models.flow as flow
+import models.resad as resad
 import models.residual as residual
-
 from models.flow import grid_coordinates
 from models.losses import flow_loss, normal_boundary, occ_loss
 from models.residual import flatten_positions
+from models.vq import VectorQuantizer
 from utils.loaders import make_loader
 from utils.training import FLOW_MINIBATCH, Trainer, TrainReferencePool, level_masks
 
@@ -25,15 +28,90 @@ from utils.training import FLOW_MINIBATCH, Trainer, TrainReferencePool, level_ma
 LEGACY_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 20}
 
 
+def legacy_nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
+    """The previous matcher: one fresh similarity block per row block, ``argmax`` over it."""
+    queries = F.normalize(queries, dim=1)
+    block = residual.block_rows(queries.device, bank_normalized.shape[0])
+    bank_t = bank_normalized.t()
+    return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+
+
+def legacy_nearest_reference_indices_by_shots(queries: torch.Tensor, bank_normalized: torch.Tensor,
+                                              num_shots: int, shots) -> Dict[int, torch.Tensor]:
+    """The previous prefix matcher: fresh blocks, an index-tracking maximum per shot, merged in order."""
+    wanted = sorted(set(int(k) for k in shots))
+    rows_per_shot = bank_normalized.shape[0] // num_shots
+    last = wanted[-1]
+    bank_t = bank_normalized[: last * rows_per_shot].t()
+    queries = F.normalize(queries, dim=1)
+    block = residual.block_rows(queries.device, last * rows_per_shot)
+    found: Dict[int, List[torch.Tensor]] = {k: [] for k in wanted}
+    for chunk in queries.split(block):
+        similarity = torch.mm(chunk, bank_t)
+        best_value = best_index = None
+        for shot in range(last):
+            value, index = similarity[:, shot * rows_per_shot:(shot + 1) * rows_per_shot].max(dim=1)
+            index = index + shot * rows_per_shot
+            if best_value is None:
+                best_value, best_index = value, index
+            else:
+                better = value > best_value
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index, best_index)
+            if shot + 1 in found:
+                found[shot + 1].append(best_index)
+    return {k: torch.cat(parts) for k, parts in found.items()}
+
+
+@torch.no_grad()
+def legacy_vq_nearest(self: VectorQuantizer, rows: torch.Tensor) -> torch.Tensor:
+    """The previous VQ search: a fresh distance block per row block."""
+    book = self.codebook.weight
+    book_sq = book.square().sum(dim=1)
+    block = residual.block_rows(rows.device, book.shape[0])
+    return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0).argmin(dim=1) for chunk in rows.split(block)])
+
+
+def legacy_match_feature_distribution(source: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The previous EFDM: both sorts by torch (with indices)."""
+    b, c, h, w = source.shape
+    src = source.reshape(b, c, h * w)
+    sorted_src, order = src.sort(dim=-1)
+    sorted_tgt, _ = target.reshape(b, c, h * w).sort(dim=-1)
+    moved = sorted_src + (sorted_tgt - sorted_src) * (1.0 - alpha)
+    return torch.empty_like(src).scatter_(-1, order, moved).reshape(b, c, h, w)
+
+
+def legacy_position_table(self: flow.PositionConditionedSubnet, n_rows: int, n_cols: int,
+                          device: torch.device) -> torch.Tensor:
+    """The previous flow subnet: the position table rebuilt on every call (no cache at inference)."""
+    weight, d, half = self.fc1.weight, self.feature_dim, self.pos_embed_dim // 2
+    table_x = flow._axis_table(n_cols, half, device) @ weight[:, d:d + half].t()
+    table_y = flow._axis_table(n_rows, half, device) @ weight[:, d + half:].t()
+    return (table_y[:, None, :] + (table_x + self.fc1.bias)[None, :, :]).reshape(n_rows * n_cols, -1)
+
+
 @contextlib.contextmanager
 def legacy_matching():
-    """Within: the matcher and the VQ use the previous block sizes and float32 products only."""
+    """Within: the implementation before the speed work of issue 9 for matching (1M-element
+    fresh blocks, float32 products only, index-tracking maxima), the VQ search, EFDM's sorts and
+    the flows' position tables (rebuilt per call)."""
     saved = dict(residual._MAX_BLOCK_ELEMENTS), dict(residual.APPROXIMATE_SIMILARITY_DTYPE)
     residual._MAX_BLOCK_ELEMENTS.update(LEGACY_BLOCK_ELEMENTS)
     residual.APPROXIMATE_SIMILARITY_DTYPE.update({"cuda": None, "cpu": None})
+    patches = [(residual, "nearest_reference_indices", legacy_nearest_reference_indices),
+               (residual, "nearest_reference_indices_by_shots", legacy_nearest_reference_indices_by_shots),
+               (VectorQuantizer, "nearest", legacy_vq_nearest),
+               (resad, "match_feature_distribution", legacy_match_feature_distribution),
+               (flow.PositionConditionedSubnet, "_position_table", legacy_position_table)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
         residual._MAX_BLOCK_ELEMENTS.update(saved[0])
         residual.APPROXIMATE_SIMILARITY_DTYPE.update(saved[1])
 

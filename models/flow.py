@@ -79,19 +79,39 @@ class PositionConditionedSubnet(nn.Module):
         width = self.feature_dim + pos_embed_dim
         self.fc1 = nn.Linear(width, 2 * width)
         self.fc2 = nn.Linear(2 * width, dims_out)
+        self._table_key, self._table = None, None  # see _position_table
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         d, half = self.feature_dim, self.pos_embed_dim // 2
         x, cols, rows = inputs[:, :d], inputs[:, d].long(), inputs[:, d + 1].long()
         weight = self.fc1.weight
         n_cols, n_rows = int(cols.max()) + 1, int(rows.max()) + 1
-        table_x = _axis_table(n_cols, half, x.device) @ weight[:, d:d + half].t()
-        table_y = _axis_table(n_rows, half, x.device) @ weight[:, d + half:].t()
-        # One (rows*cols, hidden) table of the position term (bias included), one gather.
-        table = (table_y[:, None, :] + (table_x + self.fc1.bias)[None, :, :]).reshape(n_rows * n_cols, -1)
+        table = self._position_table(n_rows, n_cols, x.device)
         # index_select: its backward (index_add) is ~2x faster on a CPU than that of table[idx]
         hidden = torch.index_select(table, 0, rows * n_cols + cols).addmm_(x, weight[:, :d].t())
         return self.fc2(hidden.relu_())
+
+    def _position_table(self, n_rows: int, n_cols: int, device: torch.device) -> torch.Tensor:
+        """The (rows*cols, hidden) table of the position term of fc1, bias included (one gather per call).
+
+        Without gradients (evaluation) the table is kept between calls until fc1 changes: an
+        image's positions come in several chunks and the table was rebuilt for each (a third of
+        the level-1 flow's time).  The key holds the parameters' version counters, which every
+        in-place update (optimizer step, ``load_state_dict``) advances."""
+        weight, bias = self.fc1.weight, self.fc1.bias
+        key = (n_rows, n_cols, device, weight._version, bias._version, weight.data_ptr(),
+               torch.is_inference_mode_enabled())
+        if not torch.is_grad_enabled() and self._table_key == key:
+            return self._table
+        d, half = self.feature_dim, self.pos_embed_dim // 2
+        table_x = _axis_table(n_cols, half, device) @ weight[:, d:d + half].t()
+        table_y = _axis_table(n_rows, half, device) @ weight[:, d + half:].t()
+        table = (table_y[:, None, :] + (table_x + bias)[None, :, :]).reshape(n_rows * n_cols, -1)
+        if torch.is_grad_enabled():
+            self._table_key = self._table = None
+        else:
+            self._table_key, self._table = key, table
+        return table
 
 
 def mlp_subnet(dims_in: int, dims_out: int) -> nn.Module:

@@ -8,8 +8,9 @@ cut to its first k shots (SPEC 2.3).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,12 @@ _MAX_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 23}
 # dtype = similarities in that dtype, then the candidates that the proven error
 # bound cannot rule out are re-scored exactly (see certified_argmax_rows).
 APPROXIMATE_SIMILARITY_DTYPE = {"cuda": torch.float16, "cpu": None}
+
+# The float32 matcher's tiles: (elements, widest column tile).  CPU: tiles of 2M similarities
+# (8 MB, e.g. 2,674 query rows x 784 bank rows) in one reused buffer; tiles of 1M to 4M elements
+# and 512 to 2,048 columns were within 10 % of each other, 8M-element row blocks 1.5x slower
+# (benchmarks/eval_speed.py).  CUDA: large row blocks, no column tiles.
+MATCH_TILE = {"cuda": (2 ** 26, None), "cpu": (2 ** 21, 1024)}
 
 
 def block_rows(device: torch.device, row_elements: int) -> int:
@@ -131,6 +138,59 @@ class ReferenceBank:
         return [lvl.shape[1] for lvl in self.levels]
 
 
+def _column_tiles(bounds: Sequence[int], width: int | None) -> List[Tuple[int, int]]:
+    """Cut each segment [bounds[i-1], bounds[i]) into near-equal tiles of at most ``width`` columns."""
+    tiles, low = [], 0
+    for high in bounds:
+        parts = 1 if width is None else -(-(high - low) // width)
+        edges = [low + (high - low) * p // parts for p in range(parts + 1)]
+        tiles += list(zip(edges[:-1], edges[1:]))
+        low = high
+    return tiles
+
+
+def _similarity_argmax(queries: torch.Tensor, bank_t: torch.Tensor, bounds: Sequence[int]) -> List[torch.Tensor]:
+    """For each column bound b in ``bounds`` (increasing), the row-wise arg-max of ``queries @ bank_t`` over
+    the columns [0, b), the first maximal column among exact ties (``argmax``'s rule).
+
+    The similarities are built tile by tile (rows x columns, ``MATCH_TILE``) into ONE reused buffer
+    (``torch.mm(..., out=)``), and each tile's row maxima are merged into a running maximum in
+    column order, a later tile winning only when strictly greater, so every prefix keeps its first
+    maximal index; after the first tile only the rows a tile strictly improves (found with the
+    cheap value-only ``amax``) pay for an index search.  Why not one ``torch.mm(chunk, bank_t).argmax(1)``
+    per row block: on a CPU that product is memory-bound (24 to 112 channels against tens of
+    thousands of bank rows), so a fresh block per product (page faults), a block larger than the
+    caches and the index-tracking reduction over every similarity cost 3x the time of this
+    (``benchmarks/eval_speed.py --compare``).  Each similarity is the same float32 dot product
+    either way, so the indices are those of the plain product.
+    """
+    elements, width = MATCH_TILE["cuda" if queries.device.type == "cuda" else "cpu"]
+    tiles = _column_tiles(bounds, width)
+    widest = max(high - low for low, high in tiles)
+    block = max(1, elements // widest)
+    ends = {high: i for i, high in enumerate(bounds)}
+    buffer = queries.new_empty((min(block, queries.shape[0]), widest))
+    found: List[List[torch.Tensor]] = [[] for _ in bounds]
+    for chunk in queries.split(block):
+        rows = chunk.shape[0]
+        best_value = best_index = None
+        for low, high in tiles:
+            similarity = torch.mm(chunk, bank_t[:, low:high], out=buffer[:rows, : high - low])
+            if best_index is None:
+                best_value, best_index = similarity.max(dim=1)
+            else:
+                # The index-tracking reduction costs 10x the value-only one (amax): take the
+                # indices of only the rows that this tile strictly improves.
+                value = similarity.amax(dim=1)
+                better = torch.nonzero(value > best_value).squeeze(1)
+                if better.numel():
+                    best_value[better] = value[better]
+                    best_index[better] = similarity.index_select(0, better).argmax(dim=1) + low
+            if high in ends:
+                found[ends[high]].append(best_index.clone())
+    return [torch.cat(parts) for parts in found]
+
+
 def nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
     """Index of the bank row with the highest cosine similarity to each query row.
 
@@ -140,12 +200,11 @@ def nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tens
     :func:`certified_argmax_rows`, which returns the same exact arg-max.
     """
     queries = F.normalize(queries, dim=1)
-    block = block_rows(queries.device, bank_normalized.shape[0])
     dtype = APPROXIMATE_SIMILARITY_DTYPE["cuda" if queries.device.type == "cuda" else "cpu"]
     if dtype is not None:
+        block = block_rows(queries.device, bank_normalized.shape[0])
         return torch.cat([certified_argmax_rows(chunk, bank_normalized, dtype) for chunk in queries.split(block)])
-    bank_t = bank_normalized.t()
-    return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+    return _similarity_argmax(queries, bank_normalized.t(), [bank_normalized.shape[0]])[0]
 
 
 def nearest_reference_indices_by_shots(queries: torch.Tensor, bank_normalized: torch.Tensor, num_shots: int,
@@ -153,35 +212,19 @@ def nearest_reference_indices_by_shots(queries: torch.Tensor, bank_normalized: t
     """For every k in ``shots``, the index of the most similar row among the first k shots of the bank.
 
     ``bank_normalized`` holds ``num_shots`` images of equal size, image-major,
-    with unit rows.  The similarities are computed ONCE against the whole bank;
-    a running maximum over the shot blocks (strictly greater wins, so a tie
-    keeps the earlier row) gives, after block k, the first maximal index among
-    the first k shots: exactly what ``argmax`` over a k-shot bank returns.
+    with unit rows.  The similarities are computed ONCE against the first
+    max(shots) shots; the maxima over the column segments between consecutive
+    wanted k are merged in order (strictly greater wins, so a tie keeps the
+    earlier row), which gives for each k the first maximal index among the
+    first k shots: exactly what ``argmax`` over a k-shot bank returns.
     """
     wanted = sorted(set(int(k) for k in shots))
     if not wanted or wanted[0] < 1 or wanted[-1] > num_shots:
         raise ValueError(f"shots {list(shots)} must lie in 1..{num_shots}")
     rows_per_shot = bank_normalized.shape[0] // num_shots
-    last = wanted[-1]
-    bank_t = bank_normalized[: last * rows_per_shot].t()
-    queries = F.normalize(queries, dim=1)
-    block = block_rows(queries.device, last * rows_per_shot)
-    found: Dict[int, List[torch.Tensor]] = {k: [] for k in wanted}
-    for chunk in queries.split(block):
-        similarity = torch.mm(chunk, bank_t)
-        best_value = best_index = None
-        for shot in range(last):
-            value, index = similarity[:, shot * rows_per_shot:(shot + 1) * rows_per_shot].max(dim=1)
-            index = index + shot * rows_per_shot
-            if best_value is None:
-                best_value, best_index = value, index
-            else:
-                better = value > best_value
-                best_value = torch.where(better, value, best_value)
-                best_index = torch.where(better, index, best_index)
-            if shot + 1 in found:
-                found[shot + 1].append(best_index)
-    return {k: torch.cat(parts) for k, parts in found.items()}
+    indices = _similarity_argmax(F.normalize(queries, dim=1), bank_normalized.t(),
+                                 [k * rows_per_shot for k in wanted])
+    return dict(zip(wanted, indices))
 
 
 def match_references_by_shots(features: Sequence[torch.Tensor], bank: ReferenceBank,
@@ -228,6 +271,15 @@ def match_feature_distribution(source: torch.Tensor, target: torch.Tensor, alpha
     b, c, h, w = source.shape
     src = source.reshape(b, c, h * w)
     sorted_src, order = src.sort(dim=-1)
-    sorted_tgt, _ = target.reshape(b, c, h * w).sort(dim=-1)
+    sorted_tgt = _sorted_values(target.reshape(b, c, h * w))
     moved = sorted_src + (sorted_tgt - sorted_src) * (1.0 - alpha)
     return torch.empty_like(src).scatter_(-1, order, moved).reshape(b, c, h, w)
+
+
+def _sorted_values(values: torch.Tensor) -> torch.Tensor:
+    """``values.sort(dim=-1).values``.  On a CPU, without gradients, numpy's vectorised sort: 10x faster
+    than torch's (which also builds the indices), and sorted values do not depend on how ties are
+    ordered, so the result is the same tensor."""
+    if values.device.type != "cpu" or values.requires_grad or values.dtype not in (torch.float32, torch.float64):
+        return values.sort(dim=-1).values
+    return torch.from_numpy(np.sort(values.contiguous().numpy(), axis=-1))

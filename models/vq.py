@@ -32,7 +32,9 @@ class VectorQuantizer(nn.Module):
         # argmin ||r - e||^2 = argmin (||e||^2 - 2 r.e): one matmul per block.
         book_sq = book.square().sum(dim=1)
         block = block_rows(rows.device, book.shape[0])
-        return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0).argmin(dim=1)
+        # one reused block buffer (out=), as in models.residual._similarity_argmax
+        buffer = rows.new_empty((min(block, rows.shape[0]), book.shape[0]))
+        return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0, out=buffer[: chunk.shape[0]]).argmin(dim=1)
                           for chunk in rows.split(block)])
 
     def loss(self, residual: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

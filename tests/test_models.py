@@ -43,6 +43,10 @@ def test_nearest_reference_chunking_gives_same_answer(monkeypatch):
     whole = nearest_reference_indices(queries, bank)
     monkeypatch.setattr(residual, "_MAX_BLOCK_ELEMENTS", {"cpu": 700, "cuda": 700})  # blocks of 7 rows
     assert torch.equal(nearest_reference_indices(queries, bank), whole)
+    # tiles of 7 query rows x at most 30 bank rows (4 column tiles of 25, merged in order)
+    monkeypatch.setattr(residual, "MATCH_TILE", {"cpu": (7 * 25, 30), "cuda": (7 * 25, 30)})
+    assert torch.equal(nearest_reference_indices(queries, bank), whole)
+    assert torch.equal(whole, torch.argmax(F.normalize(queries, dim=1) @ bank.t(), dim=1))
 
 
 def test_bank_is_image_major_and_cuts_to_first_shots():

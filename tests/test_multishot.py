@@ -42,7 +42,11 @@ def test_prefix_matching_equals_separate_k_shot_matchings_on_random_data(seed):
     assert set(subset) == {2, 5} and all(torch.equal(subset[k], found[k]) for k in (2, 5))
 
 
-def test_prefix_matching_breaks_exact_ties_like_argmax():
+@pytest.mark.parametrize("tile", [None, (4 * 4, 4)])
+def test_prefix_matching_breaks_exact_ties_like_argmax(tile, monkeypatch):
+    if tile is not None:  # tiles of 4 query rows x 3-4 bank rows: ties across tiles and shots
+        import models.residual as residual
+        monkeypatch.setattr(residual, "MATCH_TILE", {"cpu": tile, "cuda": tile})
     # Rows with four entries of +-1 have norm 2: normalised entries are +-0.5 and every dot
     # product is an exact sum of +-0.25, so equal similarities are exactly equal (many ties).
     g = torch.Generator().manual_seed(3)

@@ -217,3 +217,58 @@ def test_download_without_result_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path))
     assert run_cli(download_fewshot.main, ["--out", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------- evaluation fast paths
+
+def test_evaluation_scores_equal_the_previous_implementation(monkeypatch):
+    """Tiled matching, the reused VQ buffer, numpy's value sort in EFDM and the cached flow position
+    tables give bit-identical per-level maps to the implementation before them, for several k."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import legacy
+    import models.resad as resad
+
+    model = ResAD([6, 10], num_embeddings=32, coupling_layers=2, pos_embed_dim=16).eval()
+    # ReLU-like features: many exact zeros, so residuals and EFDM sorts have ties
+    features = [torch.randn(3, 6, 12, 12).relu(), torch.randn(3, 10, 6, 6).relu()]
+    bank = residual.ReferenceBank.from_features([torch.randn(4, 6, 12, 12).relu(), torch.randn(4, 10, 6, 6).relu()])
+    monkeypatch.setitem(residual.MATCH_TILE, "cpu", (50 * 40, 40))   # many row blocks and column tiles
+    monkeypatch.setitem(resad.INFERENCE_CHUNK, "cpu", 100)            # several flow chunks per image
+    with torch.inference_mode():
+        new = model.forward_shots(features, bank, [1, 3, 4])
+        with legacy.legacy_matching():
+            old = model.forward_shots(features, bank, [1, 3, 4])
+    for k in (1, 3, 4):
+        for a, b in zip(new[k][0] + new[k][1], old[k][0] + old[k][1]):
+            assert torch.equal(a, b)
+
+
+def test_cached_position_table_follows_weight_updates():
+    from models.flow import LevelFlow, grid_coordinates
+
+    flow = LevelFlow(6, coupling_layers=2, pos_embed_dim=16).eval()
+    rows, coords = torch.randn(50, 6), grid_coordinates(5, 10)
+    with torch.no_grad():
+        before = flow(rows, coords)[0]
+        assert torch.equal(flow(rows, coords)[0], before)  # served from the cache
+        for module in flow.modules():
+            if hasattr(module, "fc1"):
+                module.fc1.weight.mul_(1.5)                  # an in-place update, as an optimizer step
+    with torch.enable_grad():
+        reference = flow(rows, coords)[0].detach()           # built without the cache
+    with torch.no_grad():
+        after = flow(rows, coords)[0]
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, reference)
+    state = {k: v * 0.5 if k.endswith("fc1.bias") else v for k, v in flow.state_dict().items()}
+    flow.load_state_dict(state)
+    with torch.enable_grad():
+        reference = flow(rows, coords)[0].detach()
+    with torch.inference_mode():
+        assert torch.equal(flow(rows, coords)[0], reference)
+
+
+def test_numpy_value_sort_equals_torch_sort_with_ties():
+    values = torch.randint(-3, 4, (5, 7, 300)).float() * 0.5
+    values[0, 0, :10] = -0.0
+    assert torch.equal(residual._sorted_values(values), values.sort(dim=-1).values)
