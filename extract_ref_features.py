@@ -18,7 +18,7 @@ from utils import io
 from utils.references import extract_reference_features, reference_files
 from utils.runtime import resolve_device
 from utils.errors import run_cli
-from utils.options import add_backbone_arguments
+from utils.options import add_amp_argument, add_backbone_arguments
 from utils.runtime import tune_cpu_allocator
 
 
@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=None, help="use the first N images per class (default: all)")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all of the dataset)")
     add_backbone_arguments(parser)
+    add_amp_argument(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from datasets import DEMO_SEEN, Sample, generate_demo_dataset, list_fewshot_images
-from models.extractor import CNNExtractor, FeatureExtractor, build_extractor_from_args
+from models.extractor import CNNExtractor, FeatureExtractor, build_extractor_from_args, set_amp
 
 
 def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:
@@ -22,7 +22,7 @@ def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) ->
         model = timm.create_model(args.backbone, features_only=True, out_indices=tuple(range(1, levels + 1)),
                                   pretrained=False)
         extractor = CNNExtractor(model, args.backbone).to(device)
-    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    set_amp(extractor, getattr(args, "amp", "none"))
     return extractor
 
 

@@ -139,10 +139,13 @@ def install_stages(profile: StageProfile, extractor) -> None:
     profile.patch(resad, "match_references", "matching")
     profile.patch(MultiScaleVQ, "loss", "VQ loss")
     profile.patch(FeatureConstraintor, "forward", "constraintor forward")
-    profile.patch(training, "occ_loss", "OCC loss")
+    import legacy  # its train step calls the losses through its own imports
+
+    for module in (training, legacy):
+        profile.patch(module, "occ_loss", "OCC loss")
+        profile.patch(module, "flow_loss", "flow losses")
+        profile.patch(module, "normal_boundary", "flow losses")
     profile.patch(resad.ResAD, "flow_log_likelihoods", flow_name)
-    profile.patch(training, "flow_loss", "flow losses")
-    profile.patch(training, "normal_boundary", "flow losses")
     profile.patch(training.StepGuard, "step", step_name)
 
 
@@ -189,10 +192,18 @@ def main(argv=None) -> None:
     print(f"load average after : {load_average()}")
 
     if args.compare:
-        # The previous implementation without the profile's wrappers (they cost well under 1 %),
-        # from the same seed, right after the profiled run of this one.
-        old_seconds, old_losses, _ = run_epochs(args, extractor, samples, normals, device, args.epochs, None,
-                                                legacy=True)
+        # The previous implementation from the same seed, right after the profiled run of this one,
+        # with the same stage wrappers (they cost well under 1 %).
+        old_profile = StageProfile(device)
+        install_stages(old_profile, extractor)
+        try:
+            old_seconds, old_losses, _ = run_epochs(args, extractor, samples, normals, device, args.epochs,
+                                                    old_profile, legacy=True)
+        finally:
+            old_profile.restore()
+        old_profile.macs.update(profile.macs)
+        print(old_profile.table(sum(old_seconds), rate, scale_macs=scale,
+                                title=f"previous implementation, {args.epochs} epoch(s)"))
         worst = 0.0
         for new, old in zip(losses, old_losses):
             for key in ("vq", "occ", "flow"):

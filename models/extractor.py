@@ -33,6 +33,7 @@ DEFAULT_BACKBONE = "wide_resnet50_2"
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 IMAGEBIND_BACKBONE = "imagebind_huge"
 DEFAULT_LEVELS = {"cnn": 3, "vit": 4}
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}  # --amp: the backbone's autocast dtype
 # timm modules whose models are plain ViTs (patch tokens of every block, forward_intermediates)
 VIT_MODULES = ("vision_transformer", "eva", "deit", "beit")
 
@@ -78,8 +79,9 @@ class FeatureExtractor(nn.Module):
 
     def describe(self) -> dict:
         """What a file of reference features must agree with."""
+        precision = {v: k for k, v in AMP_DTYPES.items()}.get(self.autocast_dtype, str(self.autocast_dtype))
         return {"backbone": self.name, "kind": self.kind, "layers": self.layers, "channels": self.channels,
-                "feature_sizes": [list(s) for s in self.feature_sizes],
+                "amp": precision, "feature_sizes": [list(s) for s in self.feature_sizes],
                 "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -296,5 +298,13 @@ def build_extractor(name: str = DEFAULT_BACKBONE, weights: Optional[str] = None,
 
 def build_extractor_from_args(args, device: torch.device | str = "cpu") -> FeatureExtractor:
     """:func:`build_extractor` from the flags of :func:`utils.options.add_backbone_arguments`."""
-    return build_extractor(args.backbone, args.backbone_weights, levels=getattr(args, "feature_levels", None),
-                           blocks=getattr(args, "feature_blocks", None), device=device)
+    extractor = build_extractor(args.backbone, args.backbone_weights, levels=getattr(args, "feature_levels", None),
+                                blocks=getattr(args, "feature_blocks", None), device=device)
+    return set_amp(extractor, getattr(args, "amp", "none"))
+
+
+def set_amp(extractor: FeatureExtractor, amp: str) -> FeatureExtractor:
+    """``--amp``: run the frozen backbone under bfloat16 autocast ("bf16") or in float32 ("none").
+    Recorded in :meth:`FeatureExtractor.describe`, so reference features must match it."""
+    extractor.autocast_dtype = AMP_DTYPES[amp]
+    return extractor

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datasets import AnomalyDataset, Sample, list_fewshot_images
-from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor
+from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor, set_amp
 from utils.references import extract_reference_features
 from utils.errors import UserError
 from utils.io import load_reference_bank
@@ -109,6 +109,21 @@ def test_reference_features_of_real_images_are_image_major(tmp_path, extractor):
     # a bank cut to 2 shots is the first 2 images
     bank = load_reference_bank(str(tmp_path), "screw", extractor.describe(), 2)
     assert bank.num_shots == 2 and bank.levels[0].shape == (2 * 3136, 24)
+    # features made in float32 do not serve a run whose backbone runs in bfloat16 (--amp bf16), and back
+    assert meta["amp"] == "none"
+    with pytest.raises(UserError, match=r"extracted with --amp none, this run uses --amp bf16"):
+        load_reference_bank(str(tmp_path), "screw", dict(extractor.describe(), amp="bf16"), 2)
+    set_amp(extractor, "bf16")
+    try:
+        extract_reference_features("mvtec", root, str(tmp_path / "bf16"), extractor, shots=2, classes=["screw"])
+        bf16 = load_reference_bank(str(tmp_path / "bf16"), "screw", extractor.describe(), 2)
+    finally:
+        set_amp(extractor, "none")
+    # bfloat16 features are close to the float32 ones but not equal (the change --amp makes)
+    gap = (bf16.levels[1] - bank.levels[1]).abs().max().item()
+    assert 0 < gap < 0.1 * bank.levels[1].abs().max().item()
+    with pytest.raises(UserError, match=r"--amp bf16, this run uses --amp none"):
+        load_reference_bank(str(tmp_path / "bf16"), "screw", extractor.describe(), 2)
 
 
 def _write_bank(folder, channels, rows, backbone=OFFLINE_BACKBONE):

@@ -21,7 +21,7 @@ import torch
 from datasets import AnomalyDataset, Sample, get_setting, setting_from_args, test_samples, training_samples
 from datasets.anomaly_source import SyntheticAnomalyDataset, choose_anomaly_source
 from models.extractor import (FeatureExtractor, build_extractor, build_extractor_from_args, check_weights_path,
-                              is_vit)
+                              is_vit, set_amp)
 from models.resad import ResAD
 from utils import io, run_record
 from utils.errors import UserError
@@ -104,7 +104,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     # Check every input before spending time on training.
     test_sets = {c: test_samples(setting.target, args.test_dataset_dir, c) for c in setting.unseen_classes}
     if getattr(args, "baseline", None):  # training-free: no training data, no model
-        extractor = extractor or build_extractor_from_args(args, device)
+        extractor = set_amp(extractor or build_extractor_from_args(args, device), getattr(args, "amp", "none"))
         banks = io.load_reference_banks(args.test_ref_feature_dir, setting.unseen_classes, extractor.describe(),
                                         max(shots), device)
         return run_knn_baseline(outputs, extractor, test_sets, banks, shots, args, device)
@@ -133,7 +133,7 @@ def fit(args: argparse.Namespace, shots: Sequence[int], run_names: Dict[int, str
     io.check_reference_dirs(args.test_ref_feature_dir, setting.unseen_classes)
     if extractor is None:
         extractor = build_extractor_from_args(args, device)
-    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    set_amp(extractor, getattr(args, "amp", "none"))
     banks = _load_banks(args, setting.unseen_classes, extractor, shots, device)
     if max(extractor.channels) > 512:
         print(f"building the flows: {len(extractor.channels)} levels x {args.coupling_layers} coupling layers on "
@@ -345,7 +345,7 @@ def evaluate_checkpoint(args: argparse.Namespace, shots: Sequence[int], run_name
         if layers:  # the checkpoint's levels: ViT blocks, or the first N stages of a CNN
             chosen = dict(blocks=layers) if is_vit(trained["backbone"]) else dict(levels=len(layers))
         extractor = build_extractor(trained["backbone"], args.backbone_weights, device=device, **chosen)
-    extractor.autocast_dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
+    set_amp(extractor, getattr(args, "amp", "none"))
     if extractor.name != trained["backbone"] or list(extractor.channels) != list(trained["channels"]):
         raise UserError(f"--checkpoint {args.checkpoint}: holds a model trained with --backbone {trained['backbone']} "
                         f"(channels {trained['channels']}), this run uses {extractor.name}; pass that --backbone")

@@ -314,6 +314,10 @@ def load_reference_bank(ref_dir: str, class_name: str, extractor: dict, num_shot
         raise UserError(f"{flag} {class_dir}: features are of {extractor['backbone']} layers {meta['layers']}, "
                         f"this run uses layers {extractor['layers']}; re-extract them with the same "
                         "--feature_levels / --feature_blocks")
+    made, wanted = meta.get("amp", "none"), extractor.get("amp", "none")
+    if made != wanted:
+        raise UserError(f"{flag} {class_dir}: features were extracted with --amp {made}, this run uses --amp {wanted}; "
+                        f"re-extract them with extract_ref_features.py --amp {wanted} or run with --amp {made}")
     levels: List[torch.Tensor] = []
     shots = None
     for level, (channels, (h, w)) in enumerate(zip(extractor["channels"], extractor["feature_sizes"]), start=1):

@@ -32,6 +32,14 @@ def add_backbone_arguments(group) -> None:
                        help="ViT only: the 0-based blocks whose patch tokens are the levels, e.g. 2 5 8 11")
 
 
+def add_amp_argument(group) -> None:
+    """--amp (training, evaluation and reference extraction must agree: it is recorded with the features)."""
+    group.add_argument("--amp", default="none", choices=["none", "bf16"],
+                       help="bf16: run the frozen backbone under bfloat16 autocast (faster on GPUs; features are "
+                            "returned in float32; the rest stays float32). Extract the reference features with the "
+                            "same --amp as the run that uses them")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--setting", default="visa_to_mvtec",
@@ -68,9 +76,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--epochs", type=int, default=100)
     run.add_argument("--stage1_epochs", type=int, default=10, help="first epochs on normal images only")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    run.add_argument("--amp", default="none", choices=["none", "bf16"],
-                     help="bf16: run the frozen backbone under bfloat16 autocast (faster on GPUs; "
-                          "features are returned in float32; the rest stays float32)")
+    add_amp_argument(run)
     run.add_argument("--checkpoint_path", default="./checkpoints/", help="folder of checkpoints and results")
     run.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
     run.add_argument("--seed", type=int, default=42)
