@@ -205,3 +205,23 @@ def test_tensorboard_gets_the_same_scalars(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss/vq")] == [(1, 1.0), (2, 0.5)]
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("eval/Image AUC")] == [(2, 0.9)]
+
+
+def test_result_files_get_the_mode_of_a_plain_open(tmp_path):
+    """Files are written under a private temporary name (mkstemp: 0600) and renamed; the result
+    must be readable like any file the user's umask allows, not private."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        io.save_json(str(tmp_path / "a.json"), {"x": 1})
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+        os.umask(0o077)
+        io.save_json(str(tmp_path / "b.json"), {"x": 1})
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("a.json") == mode("plain.txt") == 0o644
+    assert mode("b.json") == 0o600
