@@ -17,12 +17,9 @@ from tqdm import tqdm
 import models.flow as flow
 import models.resad as resad
 import models.residual as residual
-from models.flow import grid_coordinates
-from models.losses import flow_loss, normal_boundary, occ_loss
-from models.residual import flatten_positions
 from models.vq import VectorQuantizer
 from utils.loaders import make_loader
-from utils.training import FLOW_MINIBATCH, Trainer, TrainReferencePool, level_masks
+from utils.training import TrainReferencePool
 
 
 LEGACY_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 20}
@@ -82,13 +79,14 @@ def legacy_match_feature_distribution(source: torch.Tensor, target: torch.Tensor
     return torch.empty_like(src).scatter_(-1, order, moved).reshape(b, c, h, w)
 
 
+_cached_position_table = flow.PositionConditionedSubnet._position_table
+
+
 def legacy_position_table(self: flow.PositionConditionedSubnet, n_rows: int, n_cols: int,
                           device: torch.device) -> torch.Tensor:
-    """The previous flow subnet: the position table rebuilt on every call (no cache at inference)."""
-    weight, d, half = self.fc1.weight, self.feature_dim, self.pos_embed_dim // 2
-    table_x = flow._axis_table(n_cols, half, device) @ weight[:, d:d + half].t()
-    table_y = flow._axis_table(n_rows, half, device) @ weight[:, d + half:].t()
-    return (table_y[:, None, :] + (table_x + self.fc1.bias)[None, :, :]).reshape(n_rows * n_cols, -1)
+    """The previous flow subnet: the position table rebuilt on every call (its cache forgotten first)."""
+    self._table_key = None
+    return _cached_position_table(self, n_rows, n_cols, device)
 
 
 @contextlib.contextmanager
@@ -137,38 +135,3 @@ class LegacyReferencePool(TrainReferencePool):
 
     def lookup(self, paths):
         return None
-
-
-class LegacyTrainer(Trainer):
-    """Trainer with the previous training step."""
-
-    def train_step(self, features: List[torch.Tensor], residuals: List[torch.Tensor], masks: torch.Tensor,
-                   stage2: bool, generator: torch.Generator) -> Dict[str, float]:
-        m, args = self.model, self.args
-        lvl_masks = level_masks(masks, features)
-        losses = {}
-        losses["vq"] = self.guard.step(m.vq.loss(residuals, lvl_masks), self.optimizers["vq"])
-        constrained = m.constraintor(residuals)
-        occ = sum(occ_loss(flatten_positions(e), flatten_positions(r), lm.reshape(-1))
-                  for e, r, lm in zip(constrained, residuals, lvl_masks))
-        losses["occ"] = self.guard.step(occ, self.optimizers["constraintor"])
-        flow_values = []
-        for level, (e, lm) in enumerate(zip(constrained, lvl_masks)):
-            b, _, h, w = e.shape
-            rows = flatten_positions(e.detach())
-            coords = grid_coordinates(h, w, rows.device).repeat(b, 1)
-            mask_rows = lm.reshape(-1)
-            for idx in torch.randperm(rows.shape[0], generator=generator).to(rows.device).split(FLOW_MINIBATCH):
-                logp, logp_a = m.flow_log_likelihoods(level, rows[idx], coords[idx])
-                mb_mask = mask_rows[idx]
-                self.boundaries.update(level, normal_boundary(logp, mb_mask, args.pos_beta))
-                bounds = None
-                if stage2:
-                    b_n = self.boundaries.get(level)
-                    bounds = (b_n, b_n - args.margin_tau)
-                value = self.guard.step(flow_loss(logp, logp_a, mb_mask, bounds, args.bgspp_lambda),
-                                        self.optimizers["flow"])
-                if value is not None:
-                    flow_values.append(value)
-        losses["flow"] = float(np.mean(flow_values)) if flow_values else None
-        return losses

@@ -74,7 +74,7 @@ def run_epochs(args, extractor, samples, normals, device, epochs: int, profile: 
     seed_everything(args.seed)
     model = build_model(args, extractor.channels).to(device)
     import legacy as old
-    trainer = (old.LegacyTrainer if legacy else training.Trainer)(model, args)
+    trainer = training.Trainer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
     pool = (old.LegacyReferencePool if legacy else training.TrainReferencePool)(
         extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
@@ -139,13 +139,10 @@ def install_stages(profile: StageProfile, extractor) -> None:
     profile.patch(resad, "match_references", "matching")
     profile.patch(MultiScaleVQ, "loss", "VQ loss")
     profile.patch(FeatureConstraintor, "forward", "constraintor forward")
-    import legacy  # its train step calls the losses through its own imports
-
-    for module in (training, legacy):
-        profile.patch(module, "occ_loss", "OCC loss")
-        profile.patch(module, "flow_loss", "flow losses")
-        profile.patch(module, "normal_boundary", "flow losses")
+    profile.patch(training, "occ_loss", "OCC loss")
     profile.patch(resad.ResAD, "flow_log_likelihoods", flow_name)
+    profile.patch(training, "flow_loss", "flow losses")
+    profile.patch(training, "normal_boundary", "flow losses")
     profile.patch(training.StepGuard, "step", step_name)
 
 

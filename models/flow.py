@@ -82,7 +82,7 @@ class PositionConditionedSubnet(nn.Module):
         self._table_key, self._table = None, None  # see _position_table
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        d, half = self.feature_dim, self.pos_embed_dim // 2
+        d = self.feature_dim
         x, cols, rows = inputs[:, :d], inputs[:, d].long(), inputs[:, d + 1].long()
         weight = self.fc1.weight
         n_cols, n_rows = int(cols.max()) + 1, int(rows.max()) + 1

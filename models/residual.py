@@ -161,8 +161,8 @@ def _similarity_argmax(queries: torch.Tensor, bank_t: torch.Tensor, bounds: Sequ
     per row block: on a CPU that product is memory-bound (24 to 112 channels against tens of
     thousands of bank rows), so a fresh block per product (page faults), a block larger than the
     caches and the index-tracking reduction over every similarity took twice the time of this
-    (``benchmarks/eval_speed.py --compare``: the matching stage went from 9.6 s to 4.7 s).  Each similarity is the same float32 dot product
-    either way, so the indices are those of the plain product.
+    (``benchmarks/eval_speed.py --compare``: the matching stage went from 9.6 s to 4.7 s).  Each
+    similarity is the same float32 dot product either way, so the indices are those of the plain product.
     """
     elements, width = MATCH_TILE["cuda" if queries.device.type == "cuda" else "cpu"]
     tiles = _column_tiles(bounds, width)

@@ -147,7 +147,7 @@ def test_training_epoch_gives_the_losses_of_the_previous_implementation(tiny_ima
         torch.manual_seed(0)
         np.random.seed(0)
         model = ResAD(TinyExtractor.channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=16)
-        trainer = (legacy.LegacyTrainer if old else Trainer)(model, args)
+        trainer = Trainer(model, args)
         generator = torch.Generator().manual_seed(0)
         pool = (legacy.LegacyReferencePool if old else TrainReferencePool)(
             TinyExtractor(), tiny_images, 2, 4, 0, torch.device("cpu"))
