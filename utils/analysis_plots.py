@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -229,7 +230,7 @@ def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, t
                           padding=2, fontsize=7)
         diff_ax.axvline(0, color="black", linewidth=0.8)
         reach = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.01
-        diff_ax.set_xlim(-1.35 * reach - 1e-3, 1.35 * reach + 1e-3)
+        diff_ax.set_xlim(-1.8 * reach - 1e-3, 1.8 * reach + 1e-3)  # room for the "+0.000" labels
         diff_ax.set_xlabel(f"{metric}: {labels[1]} - {labels[0]}")
         diff_ax.grid(axis="x", alpha=0.3)
         result = classes.assign(**{f"{metric} ({labels[1]})": second, "difference": delta,
@@ -245,7 +246,9 @@ def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, t
     if compare is None:
         ax.legend(fontsize=8, loc="lower right")
     else:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        # below the x label at any figure height: 0.5 inch under the axes, not a fraction of them
+        below = ax.transAxes + ScaledTranslation(0, -0.5, fig.dpi_scale_trans)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=2)
     ax.set_title(title or f"{metric} per class (worst {min(top_k, len(names))} in red)")
     _save(fig, out)
     return result
