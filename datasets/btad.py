@@ -2,7 +2,7 @@
 
 A mask has the same stem as its image, with any image extension.
 """
-from .folder import FolderLayout
+from .folder_layout import FolderLayout
 
 LAYOUT = FolderLayout(title="BTAD", layout="btad", normal_type="ok",
                       mask_pattern="ground_truth/{type}/{stem}.*")

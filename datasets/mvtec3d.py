@@ -2,7 +2,7 @@
 
 The point clouds (``xyz/``) and the validation split are not used.
 """
-from .folder import FolderLayout
+from .folder_layout import FolderLayout
 
 LAYOUT = FolderLayout(title="MVTec 3D-AD", layout="mvtec3d", normal_type="good",
                       mask_pattern="test/{type}/gt/{stem}.png", image_subdir="rgb")

@@ -3,7 +3,7 @@
 Every image file in that folder (``000.png``, ``001.png``, ...) marks one
 defect; the ground truth is their union. The validation split is not used.
 """
-from .folder import FolderLayout
+from .folder_layout import FolderLayout
 
 LAYOUT = FolderLayout(title="MVTec LOCO", layout="mvtecloco", normal_type="good",
                       mask_pattern="ground_truth/{type}/{stem}/*")

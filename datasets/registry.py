@@ -1,18 +1,18 @@
-"""Dataset names, class lists and the seen -> unseen settings (SPEC sections 6 and 7).
+"""Dataset names, class lists and the seen -> unseen settings (docs/method.md §9.1, §9.2).
 
 ``DATASETS`` maps a dataset name (``--dataset``) to its classes and loader;
 ``SETTINGS`` maps a setting name (``--setting``) to its source (training) and
-target (test) datasets. :func:`training_samples` and :func:`test_samples` are
+target (test) datasets. :func:`training_samples` and :func:`evaluation_samples` are
 what the training and evaluation code call.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from utils.errors import UserError
 
-from . import brats, btad, mpdd, mvtec, mvtec3d, mvtecloco, synthetic, user_folder, visa
+from . import brats, btad, demo, mpdd, mvtec, mvtec3d, mvtecloco, own_folder, visa
 from .base import Sample
 from .files import list_subfolders
 from .layout import LAYOUTS, check_root
@@ -63,7 +63,7 @@ class DatasetInfo:
 
 
 def _folder_dataset(name: str, module, classes: tuple[str, ...]) -> DatasetInfo:
-    """The DatasetInfo of a layout module built on :class:`datasets.folder.FolderLayout`."""
+    """The DatasetInfo of a layout module built on :class:`datasets.folder_layout.FolderLayout`."""
     return DatasetInfo(name, module.LAYOUT.title, classes, module.list_samples, module.LAYOUT.layout)
 
 
@@ -75,8 +75,8 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     _folder_dataset("mpdd", mpdd, MPDD_CLASSES),
     _folder_dataset("mvtecloco", mvtecloco, MVTECLOCO_CLASSES),
     _folder_dataset("brats", brats, BRATS_CLASSES),
-    _folder_dataset("demo", synthetic, synthetic.DEMO_SEEN + synthetic.DEMO_UNSEEN),
-    _folder_dataset(user_folder.NAME, user_folder, ()),  # classes: the sub-folders of its root
+    _folder_dataset("demo", demo, demo.DEMO_SEEN + demo.DEMO_UNSEEN),
+    _folder_dataset(own_folder.NAME, own_folder, ()),  # classes: the sub-folders of its root
 )}
 
 
@@ -106,7 +106,7 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
     _cross_dataset("mvtec", "mpdd"),
     _cross_dataset("mvtec", "mvtecloco"),
     _cross_dataset("mvtec", "brats"),
-    Setting("demo", "demo", "demo", synthetic.DEMO_SEEN, synthetic.DEMO_UNSEEN),
+    Setting("demo", "demo", "demo", demo.DEMO_SEEN, demo.DEMO_UNSEEN),
 )}
 
 CUSTOM = "custom"
@@ -131,7 +131,7 @@ def get_setting(name: str) -> Setting:
 def dataset_classes(name: str, root: str = "", hint: str = TRAIN_DIR_FLAG) -> tuple[str, ...]:
     """The classes of a dataset: its fixed list, or for ``folder`` the sub-folders of ``root``."""
     info = get_dataset(name)
-    if name != user_folder.NAME:
+    if name != own_folder.NAME:
         return info.classes
     check_root(root, hint)
     classes = tuple(list_subfolders(root))
@@ -141,14 +141,22 @@ def dataset_classes(name: str, root: str = "", hint: str = TRAIN_DIR_FLAG) -> tu
     return classes
 
 
-def setting_from_args(args) -> Setting:
-    """The setting of a run: a named one, or ``--setting custom`` built from
-    ``--source_dataset``, ``--target_dataset``, ``--seen_classes`` and ``--unseen_classes``."""
-    if args.setting != CUSTOM:
-        return get_setting(args.setting)
-    return custom_setting(getattr(args, "source_dataset", None), getattr(args, "target_dataset", None),
-                          getattr(args, "seen_classes", None), getattr(args, "unseen_classes", None),
-                          args.train_dataset_dir, args.test_dataset_dir)
+@dataclass(frozen=True)
+class SettingSpec:
+    """A setting as asked for: a name of :data:`SETTINGS`, or ``custom`` with its datasets and classes
+    (resolved against the dataset roots by :meth:`resolve`, which lists a ``folder`` root's classes)."""
+
+    name: str
+    source: Optional[str] = None
+    target: Optional[str] = None
+    seen_classes: Optional[tuple[str, ...]] = None
+    unseen_classes: Optional[tuple[str, ...]] = None
+
+    def resolve(self, train_root: str = "", test_root: str = "") -> Setting:
+        if self.name != CUSTOM:
+            return get_setting(self.name)
+        return custom_setting(self.source, self.target, self.seen_classes, self.unseen_classes,
+                              train_root, test_root)
 
 
 def custom_setting(source: str, target: str, seen: Sequence[str] = None, unseen: Sequence[str] = None,
@@ -204,12 +212,10 @@ def training_samples(dataset_name: str, root: str, classes: Sequence[str], stage
             for sample in info.list_samples(root, class_name, split, hint)]
 
 
-def test_samples(dataset_name: str, root: str, class_name: str,
-                 hint: str = TEST_DIR_FLAG) -> list[Sample]:
+def evaluation_samples(dataset_name: str, root: str, class_name: str,
+                       hint: str = TEST_DIR_FLAG) -> list[Sample]:
     """The test samples (normal and anomalous) of one class of a dataset."""
     info = get_dataset(dataset_name)
     _check_classes(info, [class_name], root, hint)
     return info.list_samples(root, class_name, "test", hint)
 
-
-test_samples.__test__ = False  # not a test, even when imported into a test module

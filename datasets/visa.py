@@ -13,7 +13,7 @@ import pandas as pd
 from utils.errors import UserError
 
 from .base import ANOMALOUS, NORMAL, Sample
-from .folder import check_split
+from .folder_layout import check_split
 from .layout import DEFAULT_HINT, check_root, missing_path_error
 
 TITLE = "VisA"

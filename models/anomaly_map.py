@@ -1,4 +1,4 @@
-"""From per-level log-likelihood maps to pixel anomaly maps (SPEC 2.8).
+"""From per-level log-likelihood maps to pixel anomaly maps (docs/method.md §2.8).
 
 * map 1: per level, ``exp(logp - max over the class's test set)``, bilinear
   up-sampling, sum over levels, then ``global max - map``;

@@ -1,4 +1,4 @@
-"""The feature constraintor: per level Conv3x3 + BatchNorm + ReLU (SPEC 2.6).
+"""The feature constraintor: per level Conv3x3 + BatchNorm + ReLU (docs/method.md §2.6).
 
 It maps residual features into a compact normal region; it is trained with the
 log-barrier bidirectional OCC loss of :func:`models.losses.occ_loss`.

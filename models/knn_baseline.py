@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .anomaly_map import gaussian_blur
-from .residual import ReferenceBank, flatten_positions
+from .matching import ReferenceBank
+from .positions import flatten_positions
 
 BASELINES = ("knn",)
 

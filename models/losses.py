@@ -1,4 +1,4 @@
-"""Training losses of ResAD (SPEC 4).
+"""Training losses of ResAD (docs/method.md §4).
 
 * :func:`occ_loss`: the log-barrier bidirectional one-class loss of the feature
   constraintor, with abnormal invariance;

@@ -1,44 +1,84 @@
 """The ResAD model: tensors in, log-likelihood maps out (no loops over data, no files).
 
-Components per feature level: a VQ codebook (distribution matching at
-inference), the feature constraintor and a conditional normalizing flow.  The
-frozen feature extractor and the reference banks live outside the model; the
-training harness is :mod:`utils.engine`.
+Components per feature level (docs/method.md §2): a VQ codebook (distribution
+matching at inference), the feature constraintor and a conditional normalizing
+flow.  The frozen feature extractor and the reference banks live outside the
+model; the training harness is :mod:`utils.run.training`.  The options that
+shape the model are a :class:`ModelConfig`, stored in every checkpoint.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from models.constraintor import FeatureConstraintor
-from models.flow import LevelFlow, grid_coordinates, log_likelihoods
-from models.residual import (ReferenceBank, flatten_positions, match_feature_distribution, match_references,
-                             match_references_by_shots, residual_features)
+from models.flow import FLOW_ARCHS, LevelFlow, grid_coordinates, log_likelihoods
+from models.matching import DEFAULT_MATCHER, Matcher, ReferenceBank
+from models.positions import flatten_positions
+from models.residual import RESIDUAL_MODES, match_feature_distribution, residual_features
 from models.vq import MultiScaleVQ
+from utils.stages import stage
 
 # Positions sent through a flow at once at inference: large on a GPU, cache-sized
-# on a CPU (where 4096 was 2x faster than 25088 in benchmarks/eval_speed.py).
+# on a CPU (where 4096 was 2x faster than 25088; README, Speed).
 INFERENCE_CHUNK = {"cuda": 65536, "cpu": 4096}
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The options that shape a trained ResAD (the authors' defaults); a checkpoint stores them."""
+    num_embeddings: int = 1536          # VQ codebook entries per level
+    coupling_layers: int = 10           # FrEIA AllInOneBlocks per flow
+    clamp_alpha: float = 1.9            # affine clamping of the coupling blocks
+    pos_embed_dim: int = 256            # positional encoding of the conditional flows
+    flow_arch: str = "conditional_flow_model"
+    residual: str = "squared"           # squared (authors' code) or difference (paper)
+
+    def __post_init__(self):
+        if self.flow_arch not in FLOW_ARCHS:
+            raise ValueError(f"unknown flow architecture {self.flow_arch!r}; choose from {FLOW_ARCHS}")
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"unknown residual mode {self.residual!r}; choose from {RESIDUAL_MODES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """The fields of ``values`` that are model options (others are ignored; missing ones take the defaults)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def differences(self, other: "ModelConfig") -> Dict[str, tuple]:
+        """{option: (self's value, other's value)} of every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}
+
+
 class ResAD(nn.Module):
-    def __init__(self, channels: Sequence[int], num_embeddings: int = 1536, coupling_layers: int = 10,
-                 clamp_alpha: float = 1.9, pos_embed_dim: int = 256, flow_arch: str = "conditional_flow_model",
-                 residual_mode: str = "squared", fdm_alpha: float = 0.4):
+    """``fdm_alpha``: the EFDM strength at inference (1 = no matching).  ``matcher`` and
+    ``inference_chunk`` (positions per flow call, per device kind) tune the speed only."""
+
+    def __init__(self, channels: Sequence[int], config: ModelConfig = ModelConfig(), fdm_alpha: float = 0.4,
+                 matcher: Optional[Matcher] = None, inference_chunk: Optional[Dict[str, int]] = None):
         super().__init__()
         self.channels = list(channels)
-        self.residual_mode = residual_mode
+        self.config = config
         self.fdm_alpha = fdm_alpha
-        self.vq = MultiScaleVQ(channels, num_embeddings)
+        self.matcher = matcher or DEFAULT_MATCHER
+        self.inference_chunk = {**INFERENCE_CHUNK, **(inference_chunk or {})}
+        self.vq = MultiScaleVQ(channels, config.num_embeddings)
         self.constraintor = FeatureConstraintor(channels)
-        self.flows = nn.ModuleList([LevelFlow(c, coupling_layers, clamp_alpha, pos_embed_dim, flow_arch)
-                                    for c in channels])
+        self.flows = nn.ModuleList([LevelFlow(c, config.coupling_layers, config.clamp_alpha, config.pos_embed_dim,
+                                              config.flow_arch) for c in channels])
 
     def residuals(self, features: Sequence[torch.Tensor], bank: ReferenceBank) -> List[torch.Tensor]:
         """Residual features of a batch of images of one class against its reference bank."""
-        return residual_features(features, match_references(features, bank), self.residual_mode)
+        with stage("matching"):
+            matched = self.matcher.match(features, bank)
+        return residual_features(features, matched, self.config.residual)
 
     def flow_log_likelihoods(self, level: int, rows: torch.Tensor, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logp, logp_a) per row of constrained residuals (N, C) at positions (N, 2)."""
@@ -58,25 +98,36 @@ class ResAD(nn.Module):
     def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank,
                       shots: Sequence[int]) -> Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching."""
-        matched = match_references_by_shots(features, bank, shots)
-        return {k: self.score_residuals(residual_features(features, matched[k], self.residual_mode))
+        with stage("matching"):
+            matched = self.matcher.match_by_shots(features, bank, shots)
+        return {k: self.score_residuals(residual_features(features, matched[k], self.config.residual))
                 for k in shots}
+
+    def distribution_match(self, residuals: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """EFDM of each residual map toward its VQ-quantised version (docs/method.md §2.5)."""
+        quantized = self.vq.quantize(residuals)
+        return [match_feature_distribution(r, q, self.fdm_alpha) for r, q in zip(residuals, quantized)]
 
     @torch.no_grad()
     def score_residuals(self, residuals: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Distribution matching, constraintor and flows: per-level logp and abnormal-probability maps."""
-        quantized = self.vq.quantize(residuals)
-        residuals = [match_feature_distribution(r, q, self.fdm_alpha) for r, q in zip(residuals, quantized)]
-        constrained = self.constraintor(residuals)
+        with stage("VQ + EFDM"):
+            residuals = self.distribution_match(residuals)
+        with stage("constraintor"):
+            constrained = self.constraintor(residuals)
         logps, abnormal_probs = [], []
         for level, e in enumerate(constrained):
+            with stage(f"flow L{level + 1}"):
+                logp, logp_a = self._flow_in_chunks(level, e)
             b, _, h, w = e.shape
-            rows = flatten_positions(e)
-            coords = grid_coordinates(h, w, e.device).repeat(b, 1)
-            chunk = INFERENCE_CHUNK["cuda" if e.device.type == "cuda" else "cpu"]
-            outputs = [self.flow_log_likelihoods(level, r, c) for r, c in zip(rows.split(chunk), coords.split(chunk))]
-            logp = torch.cat([o[0] for o in outputs])
-            logp_a = torch.cat([o[1] for o in outputs])
             logps.append(logp.reshape(b, h, w))
             abnormal_probs.append(torch.softmax(torch.stack([logp, logp_a], dim=-1), dim=-1)[:, 1].reshape(b, h, w))
         return logps, abnormal_probs
+
+    def _flow_in_chunks(self, level: int, constrained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = constrained.shape
+        rows = flatten_positions(constrained)
+        coords = grid_coordinates(h, w, constrained.device).repeat(b, 1)
+        chunk = self.inference_chunk["cuda" if constrained.device.type == "cuda" else "cpu"]
+        outputs = [self.flow_log_likelihoods(level, r, c) for r, c in zip(rows.split(chunk), coords.split(chunk))]
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])

@@ -13,7 +13,8 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from models.residual import block_rows, flatten_positions, unflatten_positions
+from models.matching import block_rows
+from models.positions import flatten_positions, unflatten_positions
 
 
 class VectorQuantizer(nn.Module):

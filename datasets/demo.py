@@ -25,7 +25,7 @@ from PIL import Image
 from utils.errors import UserError
 
 from . import mvtec
-from .synthetic_draw import DEMO_CLASSES, add_defect, to_uint8
+from .demo_draw import DEMO_CLASSES, add_defect, to_uint8
 
 GENERATOR_VERSION = 2
 MARKER = ".complete"
