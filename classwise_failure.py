@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils import io
-from utils.analysis_plots import check_metrics, plot_classwise, read_metrics_csv
-from utils.errors import UserError, run_cli
+from utils.atomic import save_csv
+from utils.formats.run_outputs import read_metrics_csv
+from utils.report.analysis_plots import check_metrics, plot_classwise
+from utils.cli.options import Parser, at_least
+from utils.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     parser.add_argument("--csv", required=True, help="a <run>_epoch<E>_metrics.csv")
     parser.add_argument("--metric", default="Pixel AUC")
-    parser.add_argument("--top_k", type=int, default=3, help="worst classes drawn in red")
+    parser.add_argument("--top_k", type=at_least(0), default=3, help="worst classes drawn in red")
     parser.add_argument("--title", default=None)
     parser.add_argument("--out", default="figures/classwise_failure.png")
     parser.add_argument("--compare", default=None, help="a second metrics CSV drawn side by side")
@@ -33,14 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_metrics([args.metric], "--metric")
-    if args.top_k < 0:
-        raise UserError(f"--top_k {args.top_k}: must be 0 or more")
     table = read_metrics_csv(args.csv, "--csv")
     compare = read_metrics_csv(args.compare, "--compare") if args.compare else None
     labels = args.labels or [os.path.basename(p).replace("_metrics.csv", "") for p in (args.csv, args.compare or "")]
     result = plot_classwise(table, args.metric, args.out, args.top_k, args.title, compare, labels)
     numbers = os.path.splitext(args.out)[0] + ".csv"
-    io.save_csv(numbers, result)
+    save_csv(numbers, result)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {args.out} and {numbers}")
 

@@ -18,23 +18,31 @@ from __future__ import annotations
 
 import argparse
 
-from utils.demo import parse_with_demo, prepare_demo
-from utils.engine import fit
+from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
+from utils.cli.options import Parser, add_training_arguments
+from utils.cli.presets import parse_with_demo
 from utils.errors import run_cli
+from utils.run.demo import prepare_demo
+from utils.run.modes import run
 from utils.runtime import tune_cpu_allocator
-from utils.options import add_training_arguments
+
+
+def build_parser() -> Parser:
+    return add_training_arguments(Parser(description=__doc__))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return parse_with_demo(add_training_arguments(parser), argv)
+    return parse_with_demo(build_parser(), argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_with_demo(parser, argv)
+    mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
+    config = run_config(args, [args.num_ref_shot], shot_names(args.setting, [args.num_ref_shot], per_shot=False))
     tune_cpu_allocator()
-    extractor = prepare_demo(args) if args.demo else None
-    fit(args, shots=[args.num_ref_shot], run_names={args.num_ref_shot: args.setting}, extractor=extractor)
+    extractor = prepare_demo(config) if args.demo else None
+    run(mode, config, checkpoint=args.checkpoint, extractor=extractor)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ r"""Train ResAD once and evaluate the unseen classes with several numbers of ref
 
 Each evaluation extracts the test features once and matches them once against the
 largest bank; every k reads its nearest references off that matching (the first
-k shots of the bank, SPEC 2.3).  Results go to <checkpoint_path>/<setting>_<k>shot/:
+k shots of the bank, docs/method.md §7.1).  Results go to <checkpoint_path>/<setting>_<k>shot/:
 <setting>_<k>shot_epoch<E>_metrics.csv/.json, <setting>_<k>shot_epoch<E>_pixel_auroc.png,
 <setting>_<k>shot_latest.pth, <setting>_<k>shot_best.pth and heatmaps/.
 """
@@ -17,29 +17,34 @@ from __future__ import annotations
 import argparse
 
 from models.extractor import OFFLINE_BACKBONE
-from utils.demo import parse_with_demo, prepare_demo
-from utils.engine import fit
-from utils.errors import UserError, run_cli
-from utils.options import add_training_arguments
+from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
+from utils.cli.options import Parser, add_training_arguments
+from utils.cli.presets import parse_with_demo
+from utils.errors import run_cli
+from utils.run.demo import prepare_demo
+from utils.run.modes import run
 from utils.runtime import tune_cpu_allocator
+
+DEMO_REF_DIR = f"./ref_features/{OFFLINE_BACKBONE}/demo_multishot"
+
+
+def build_parser() -> Parser:
+    return add_training_arguments(Parser(description=__doc__), shots_flag="--shots")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shots", type=int, nargs="+", default=[2, 4, 6, 8],
-                        help="numbers of reference shots evaluated at every evaluation (replaces --num_ref_shot)")
-    add_training_arguments(parser)
-    return parse_with_demo(parser, argv, test_ref_feature_dir=f"./ref_features/{OFFLINE_BACKBONE}/demo_multishot")
+    return parse_with_demo(build_parser(), argv, test_ref_feature_dir=DEMO_REF_DIR)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_with_demo(parser, argv, test_ref_feature_dir=DEMO_REF_DIR)
+    mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
     shots = sorted(set(args.shots))
-    if shots[0] < 1:
-        raise UserError(f"--shots {shots[0]}: must be at least 1")
+    config = run_config(args, shots, shot_names(args.setting, shots, per_shot=True), shots_flag="--shots")
     tune_cpu_allocator()
-    extractor = prepare_demo(args) if args.demo else None
-    fit(args, shots=shots, run_names={k: f"{args.setting}_{k}shot" for k in shots}, extractor=extractor)
+    extractor = prepare_demo(config) if args.demo else None
+    run(mode, config, checkpoint=args.checkpoint, extractor=extractor)
 
 
 if __name__ == "__main__":

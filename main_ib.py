@@ -16,9 +16,10 @@ import argparse
 
 from models.extractor import IMAGEBIND_BACKBONE
 from models.imagebind import IMAGEBIND_WEIGHTS
-from utils.engine import fit
+from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
+from utils.cli.options import Parser, add_training_arguments
 from utils.errors import run_cli
-from utils.options import add_training_arguments
+from utils.run.modes import run
 from utils.runtime import tune_cpu_allocator
 
 # What differs from main.py: the backbone (4 levels by default for a ViT) and the flows.
@@ -28,17 +29,23 @@ IMAGEBIND_DEFAULTS = dict(
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser)
+def build_parser() -> Parser:
+    parser = add_training_arguments(Parser(description=__doc__))
     parser.set_defaults(**IMAGEBIND_DEFAULTS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
+    config = run_config(args, [args.num_ref_shot], shot_names(args.setting, [args.num_ref_shot], per_shot=False))
     tune_cpu_allocator()
-    fit(args, shots=[args.num_ref_shot], run_names={args.num_ref_shot: args.setting})
+    run(mode, config, checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":

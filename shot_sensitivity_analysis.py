@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-from utils.analysis_plots import plot_shot_sensitivity, shot_sensitivity_table
+from utils.report.analysis_plots import plot_shot_sensitivity, shot_sensitivity_table
+from utils.cli.options import Parser
 from utils.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     parser.add_argument("--checkpoint_dir", default="./checkpoints", help="--checkpoint_path of the multi-shot runs")
     parser.add_argument("--setting", nargs="+", default=None,
                         help="one or more settings (default: every <setting>_<k>shot folder found)")

@@ -8,21 +8,22 @@ from typing import Dict, List, Tuple
 import torch
 
 from datasets import DEMO_SEEN, Sample, generate_demo_dataset, list_fewshot_images
-from models.extractor import CNNExtractor, FeatureExtractor, build_extractor_from_args, set_amp
+from models.extractor import CNNExtractor, FeatureExtractor, set_amp
+from utils.cli.adapters import backbone_config
 
 
 def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:
     """The backbone of ``--backbone`` (``--amp`` applied); with ``--random_weights`` any timm CNN, built offline."""
-    if not getattr(args, "random_weights", False):
-        extractor = build_extractor_from_args(args, device)
+    if not args.random_weights:
+        extractor = backbone_config(args).build(device)
     else:
         import timm
 
-        levels = getattr(args, "feature_levels", None) or 3
+        levels = args.feature_levels or 3
         model = timm.create_model(args.backbone, features_only=True, out_indices=tuple(range(1, levels + 1)),
                                   pretrained=False)
         extractor = CNNExtractor(model, args.backbone).to(device)
-    set_amp(extractor, getattr(args, "amp", "none"))
+    set_amp(extractor, args.amp)
     return extractor
 
 

@@ -6,7 +6,7 @@
     python benchmarks/eval_speed.py --shots 2 4 6 8        # + the sweep's time over a 4-shot-only evaluation
     python benchmarks/eval_speed.py --backbone wide_resnet50_2 --random_weights --device cuda --images 1000
 
-The evaluation is the real code path (``utils.evaluation.evaluate``): image loading,
+The evaluation is the real code path (``utils.run.evaluation.evaluate``): image loading,
 feature extraction, matching against a k-shot bank, VQ + EFDM, constraintor,
 flows, anomaly maps and all metrics including the exact AUPRO.  The model is
 randomly initialised (speed does not depend on training).  The backbone figure
@@ -17,10 +17,10 @@ the same run), images/s of both, their ratio and the peak memory.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -29,24 +29,22 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import models.resad as resad  # noqa: E402
-import utils.evaluation as evaluation  # noqa: E402
 from benchmarks_common import build_benchmark_extractor  # noqa: E402
-from datasets import DEMO_UNSEEN, Sample, generate_demo_dataset, list_fewshot_images, test_samples  # noqa: E402
-from models.constraintor import FeatureConstraintor  # noqa: E402
+from datasets import DEMO_UNSEEN, Sample, evaluation_samples, generate_demo_dataset, list_fewshot_images  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE  # noqa: E402
-from models.residual import ReferenceBank  # noqa: E402
-from models.vq import MultiScaleVQ  # noqa: E402
+from models.matching import ReferenceBank  # noqa: E402
+from models.resad import ResAD  # noqa: E402
 from stages import StageProfile, load_average, matmul_rate_gmacs, peak_memory_gib  # noqa: E402
-from utils.engine import build_model  # noqa: E402
-from utils.loaders import make_loader  # noqa: E402
-from utils.options import add_training_arguments  # noqa: E402
+from utils.cli.adapters import run_config  # noqa: E402
+from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.run.evaluation import evaluate  # noqa: E402
+from utils.run.loaders import make_loader  # noqa: E402
 from utils.runtime import configure_device, resolve_device, tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     parser.add_argument("--images", type=int, default=240, help="test images (the demo test set, repeated)")
     parser.add_argument("--classes", type=int, default=3, help="unseen classes to spread the images over")
     parser.add_argument("--data", default="./data/demo", help="where the synthetic demo dataset lives")
@@ -63,19 +61,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def install_stages(profile: StageProfile, extractor) -> None:
-    original_tqdm = evaluation.tqdm
-    evaluation.tqdm = lambda iterable, **kw: profile.iterate(iterable, "loading")
-    profile._undo.append(lambda: setattr(evaluation, "tqdm", original_tqdm))
-    profile.patch(extractor, "forward", "backbone")
-    profile.patch(resad, "match_references", "matching")
-    profile.patch(resad, "match_references_by_shots", "matching")
-    profile.patch(MultiScaleVQ, "quantize", "VQ + EFDM")
-    profile.patch(resad, "match_feature_distribution", "VQ + EFDM")
-    profile.patch(FeatureConstraintor, "forward", "constraintor")
-    profile.patch(resad.ResAD, "flow_log_likelihoods", lambda self, level, *a, **k: f"flow L{level + 1}")
-    profile.patch(evaluation, "anomaly_maps", "anomaly maps")
-    profile.patch(evaluation, "compute_metrics", "metrics (incl. AUPRO)")
+def workload(args, extractor, device, shots):
+    """The test images (the demo test set, repeated to ``--images``) and a bank of the largest k per class."""
+    root = generate_demo_dataset(args.data)
+    classes = list(DEMO_UNSEEN[: args.classes])
+    per_class = -(-args.images // len(classes))
+    test_sets, banks = {}, {}
+    bank_shots = max(list(shots) + [args.num_ref_shot])
+    for name in classes:
+        samples = evaluation_samples("demo", root, name)
+        test_sets[name] = (samples * (per_class // len(samples) + 1))[:per_class]
+        refs = make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, bank_shots)],
+                           extractor, bank_shots, 0)
+        banks[name] = ReferenceBank.from_features(extractor(next(iter(refs))["image"].to(device)))
+    return classes, test_sets, banks
 
 
 def main(argv=None) -> None:
@@ -85,86 +84,76 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     configure_device(device)
     shots = sorted(set(args.shots)) if args.shots else [args.num_ref_shot]
-    root = generate_demo_dataset(args.data)
     extractor = build_benchmark_extractor(args, device)
-    classes = list(DEMO_UNSEEN[: args.classes])
-    per_class = -(-args.images // len(classes))
-    test_sets, banks = {}, {}
-    bank_shots = max(shots + [args.num_ref_shot])
-    for name in classes:
-        samples = test_samples("demo", root, name)
-        test_sets[name] = (samples * (per_class // len(samples) + 1))[:per_class]
-        refs = make_loader([Sample(path, 0, (), name) for path in list_fewshot_images(root, name, bank_shots)],
-                           extractor, bank_shots, 0)
-        banks[name] = ReferenceBank.from_features(extractor(next(iter(refs))["image"].to(device)))
+    classes, test_sets, banks = workload(args, extractor, device, shots)
     n_images = sum(len(v) for v in test_sets.values())
-    model = build_model(args, extractor.channels).to(device)
+    config = run_config(args, shots, {k: "eval_speed" for k in shots})
+    model = ResAD(extractor.channels, config.model, fdm_alpha=config.evaluation.fdm_alpha).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device {device}, backbone {extractor.name}{' (random weights)' if args.random_weights else ''}, "
           f"{n_images} test images of {len(classes)} classes, {shots}-shot banks, batch {args.eval_batch_size}, "
           f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, load {load_average()}")
 
-    def run(shot_list, sets=test_sets):
+    def run(shot_list, sets=test_sets, scorer=model):
         sync()
         start = time.perf_counter()
-        results = evaluation.evaluate(model, extractor, sets, banks, shot_list, args, device)
+        results = evaluate(scorer, extractor, sets, banks, replace(config.evaluation, shots=tuple(shot_list)), device,
+                           args.num_workers, args.seed)
         sync()
         return time.perf_counter() - start, results
 
     # Multiply-accumulates of one batch (also the warm-up), then the timed runs.
     profile = StageProfile(device)
-    install_stages(profile, extractor)
     one_batch = {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}
-    try:
+    with profile.listen():
         profile.counting = True
         run(shots, sets=one_batch)
         profile.counting = False
         rate = matmul_rate_gmacs(device)
         total_s, results = run(shots)
-    finally:
-        profile.restore()
+    backbone_s = backbone_seconds(extractor, test_sets, args, device, sync)
+    scale = n_images / len(one_batch[classes[0]])
+    print(profile.table(total_s, rate, scale_macs=scale, title=f"evaluation, {shots} shots"))
+    print(f"backbone alone     : {n_images / backbone_s:8.2f} images/s ({backbone_s:.1f} s)")
+    print(f"whole evaluation   : {n_images / total_s:8.2f} images/s ({total_s:.1f} s)")
+    print(f"ratio eval/backbone: {total_s / backbone_s:8.2f}x")
+    if args.shots and shots != [args.num_ref_shot]:
+        single_s, _ = run([args.num_ref_shot])
+        print(f"shots {shots} at once: {total_s:.1f} s; {args.num_ref_shot}-shot only: {single_s:.1f} s; "
+              f"ratio {total_s / single_s:.2f}x")
+    if args.compare:
+        compare_previous(run, model, profile, rate, scale, shots, classes, device)
+    print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB"
+          + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+    print(f"load average after : {load_average()}")
 
-    # The backbone alone: the same loaders, extraction only.
+
+def backbone_seconds(extractor, test_sets, args, device, sync) -> float:
+    """Image loading and the extractor's forward pass over the same loaders, alone."""
     sync()
     start = time.perf_counter()
     for samples in test_sets.values():
         for batch in make_loader(samples, extractor, args.eval_batch_size, args.num_workers):
             extractor(batch["image"].to(device))
     sync()
-    backbone_s = time.perf_counter() - start
+    return time.perf_counter() - start
 
-    scale = n_images / len(one_batch[classes[0]])
-    print(profile.table(total_s, rate, scale_macs=scale, title=f"evaluation, {shots} shots"))
-    print(f"backbone alone     : {n_images / backbone_s:8.2f} images/s ({backbone_s:.1f} s)")
-    print(f"whole evaluation   : {n_images / total_s:8.2f} images/s ({total_s:.1f} s)")
-    print(f"ratio eval/backbone: {total_s / backbone_s:8.2f}x")
 
-    if args.shots and shots != [args.num_ref_shot]:
-        single_s, _ = run([args.num_ref_shot])
-        print(f"shots {shots} at once: {total_s:.1f} s; {args.num_ref_shot}-shot only: {single_s:.1f} s; "
-              f"ratio {total_s / single_s:.2f}x")
-    if args.compare:
-        import legacy
+def compare_previous(run, model, profile, rate, scale, shots, classes, device) -> None:
+    """The previous implementation (benchmarks/legacy.py) per stage, and whether its metrics are identical."""
+    import legacy
 
-        new_s, new_results = run(shots)
-        old_profile = StageProfile(device)
-        with legacy.legacy_matching():
-            install_stages(old_profile, extractor)
-            try:
-                old_s, old_results = run(shots)
-            finally:
-                old_profile.restore()
-        old_profile.macs.update(profile.macs)
-        print(old_profile.table(old_s, rate, scale_macs=scale,
-                                title=f"previous implementation, {shots} shots"))
-        same = all(np.array_equal(np.asarray(list(new_results[k][c].metrics.values()), dtype=float),
-                                  np.asarray(list(old_results[k][c].metrics.values()), dtype=float), equal_nan=True)
-                   for k in shots for c in classes)
-        print(f"previous implementation (benchmarks/legacy.py): {old_s:.1f} s, this one {new_s:.1f} s (untimed "
-              f"stages) -> {old_s / new_s:.2f}x; metrics {'identical' if same else 'DIFFERENT'}; load {load_average()}")
-    print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB"
-          + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
-    print(f"load average after : {load_average()}")
+    new_s, new_results = run(shots)
+    old_profile = StageProfile(device)
+    with old_profile.listen():
+        old_s, old_results = run(shots, scorer=legacy.legacy_copy(model))
+    old_profile.macs.update(profile.macs)
+    print(old_profile.table(old_s, rate, scale_macs=scale, title=f"previous implementation, {shots} shots"))
+    same = all(np.array_equal(np.asarray(list(new_results[k][c].metrics.values()), dtype=float),
+                              np.asarray(list(old_results[k][c].metrics.values()), dtype=float), equal_nan=True)
+               for k in shots for c in classes)
+    print(f"previous implementation (benchmarks/legacy.py): {old_s:.1f} s, this one {new_s:.1f} s (untimed "
+          f"stages) -> {old_s / new_s:.2f}x; metrics {'identical' if same else 'DIFFERENT'}; load {load_average()}")
 
 
 if __name__ == "__main__":

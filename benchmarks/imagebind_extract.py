@@ -96,10 +96,10 @@ def main(argv=None) -> None:
           + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
 
     if args.flows:
-        from models.resad import ResAD
+        from models.resad import ModelConfig, ResAD
 
         started = time.perf_counter()
-        ResAD(extractor.channels, coupling_layers=4, flow_arch="flow_model")
+        ResAD(extractor.channels, ModelConfig(coupling_layers=4, flow_arch="flow_model"))
         print(f"built ResAD for {len(extractor.channels)} x 1280-channel levels (flow_model, 4 coupling layers) in "
               f"{time.perf_counter() - started:.1f} s (once per run); peak RSS {peak_rss_gib():.2f} GiB")
 

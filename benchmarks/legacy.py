@@ -2,11 +2,15 @@
 that the fast paths compute the same numbers (benchmarks/train_speed.py --compare,
 benchmarks/eval_speed.py --compare, tests/test_speed.py).
 
+Each is an instance of a subclass of the production class, not a patched global:
+:func:`legacy_copy` gives a copy of a model (same parameters) whose matcher, VQ
+search, EFDM and flow position tables run the code before the speed work, and
+:class:`LegacyReferencePool` is the pool that re-encoded everything every epoch.
 Not used by the project's code.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 from typing import Dict, List
 
 import numpy as np
@@ -14,59 +18,70 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import models.flow as flow
-import models.resad as resad
-import models.residual as residual
+from models.flow import PositionConditionedSubnet
+from models.matching import Matcher, block_rows
+from models.resad import ResAD
 from models.vq import VectorQuantizer
-from utils.loaders import make_loader
-from utils.training import TrainReferencePool
-
+from utils.run.loaders import make_loader
+from utils.run.reference_pool import TrainReferencePool
 
 LEGACY_BLOCK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 20}
 
 
-def legacy_nearest_reference_indices(queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
-    """The previous matcher: one fresh similarity block per row block, ``argmax`` over it."""
-    queries = F.normalize(queries, dim=1)
-    block = residual.block_rows(queries.device, bank_normalized.shape[0])
-    bank_t = bank_normalized.t()
-    return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+class LegacyMatcher(Matcher):
+    """The previous matcher: 1M-element fresh similarity blocks, float32 products only, ``argmax`` over them."""
+
+    def __init__(self):
+        super().__init__(blocks=LEGACY_BLOCK_ELEMENTS, approximate={"cuda": None, "cpu": None})
+
+    def nearest(self, queries: torch.Tensor, bank_normalized: torch.Tensor) -> torch.Tensor:
+        queries = F.normalize(queries, dim=1)
+        block = block_rows(queries.device, bank_normalized.shape[0], self.blocks)
+        bank_t = bank_normalized.t()
+        return torch.cat([torch.mm(chunk, bank_t).argmax(dim=1) for chunk in queries.split(block)])
+
+    def nearest_by_shots(self, queries: torch.Tensor, bank_normalized: torch.Tensor, num_shots: int,
+                         shots) -> Dict[int, torch.Tensor]:
+        """Fresh blocks, an index-tracking maximum per shot, merged in order."""
+        wanted = sorted(set(int(k) for k in shots))
+        rows_per_shot = bank_normalized.shape[0] // num_shots
+        last = wanted[-1]
+        bank_t = bank_normalized[: last * rows_per_shot].t()
+        queries = F.normalize(queries, dim=1)
+        found: Dict[int, List[torch.Tensor]] = {k: [] for k in wanted}
+        for chunk in queries.split(block_rows(queries.device, last * rows_per_shot, self.blocks)):
+            similarity = torch.mm(chunk, bank_t)
+            best_value = best_index = None
+            for shot in range(last):
+                value, index = similarity[:, shot * rows_per_shot:(shot + 1) * rows_per_shot].max(dim=1)
+                index = index + shot * rows_per_shot
+                if best_value is None:
+                    best_value, best_index = value, index
+                else:
+                    better = value > best_value
+                    best_value = torch.where(better, value, best_value)
+                    best_index = torch.where(better, index, best_index)
+                if shot + 1 in found:
+                    found[shot + 1].append(best_index)
+        return {k: torch.cat(parts) for k, parts in found.items()}
 
 
-def legacy_nearest_reference_indices_by_shots(queries: torch.Tensor, bank_normalized: torch.Tensor,
-                                              num_shots: int, shots) -> Dict[int, torch.Tensor]:
-    """The previous prefix matcher: fresh blocks, an index-tracking maximum per shot, merged in order."""
-    wanted = sorted(set(int(k) for k in shots))
-    rows_per_shot = bank_normalized.shape[0] // num_shots
-    last = wanted[-1]
-    bank_t = bank_normalized[: last * rows_per_shot].t()
-    queries = F.normalize(queries, dim=1)
-    block = residual.block_rows(queries.device, last * rows_per_shot)
-    found: Dict[int, List[torch.Tensor]] = {k: [] for k in wanted}
-    for chunk in queries.split(block):
-        similarity = torch.mm(chunk, bank_t)
-        best_value = best_index = None
-        for shot in range(last):
-            value, index = similarity[:, shot * rows_per_shot:(shot + 1) * rows_per_shot].max(dim=1)
-            index = index + shot * rows_per_shot
-            if best_value is None:
-                best_value, best_index = value, index
-            else:
-                better = value > best_value
-                best_value = torch.where(better, value, best_value)
-                best_index = torch.where(better, index, best_index)
-            if shot + 1 in found:
-                found[shot + 1].append(best_index)
-    return {k: torch.cat(parts) for k, parts in found.items()}
+class LegacyVectorQuantizer(VectorQuantizer):
+    @torch.no_grad()
+    def nearest(self, rows: torch.Tensor) -> torch.Tensor:
+        """The previous VQ search: a fresh distance block per row block."""
+        book = self.codebook.weight
+        book_sq = book.square().sum(dim=1)
+        block = block_rows(rows.device, book.shape[0], LEGACY_BLOCK_ELEMENTS)
+        return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0).argmin(dim=1)
+                          for chunk in rows.split(block)])
 
 
-@torch.no_grad()
-def legacy_vq_nearest(self: VectorQuantizer, rows: torch.Tensor) -> torch.Tensor:
-    """The previous VQ search: a fresh distance block per row block."""
-    book = self.codebook.weight
-    book_sq = book.square().sum(dim=1)
-    block = residual.block_rows(rows.device, book.shape[0])
-    return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2.0).argmin(dim=1) for chunk in rows.split(block)])
+class LegacySubnet(PositionConditionedSubnet):
+    def _position_table(self, n_rows: int, n_cols: int, device: torch.device) -> torch.Tensor:
+        """The previous flow subnet: the position table rebuilt on every call (its cache forgotten first)."""
+        self._table_key = None
+        return super()._position_table(n_rows, n_cols, device)
 
 
 def legacy_match_feature_distribution(source: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -79,45 +94,30 @@ def legacy_match_feature_distribution(source: torch.Tensor, target: torch.Tensor
     return torch.empty_like(src).scatter_(-1, order, moved).reshape(b, c, h, w)
 
 
-_cached_position_table = flow.PositionConditionedSubnet._position_table
+class LegacyResAD(ResAD):
+    def distribution_match(self, residuals):
+        quantized = self.vq.quantize(residuals)
+        return [legacy_match_feature_distribution(r, q, self.fdm_alpha) for r, q in zip(residuals, quantized)]
 
 
-def legacy_position_table(self: flow.PositionConditionedSubnet, n_rows: int, n_cols: int,
-                          device: torch.device) -> torch.Tensor:
-    """The previous flow subnet: the position table rebuilt on every call (its cache forgotten first)."""
-    self._table_key = None
-    return _cached_position_table(self, n_rows, n_cols, device)
-
-
-@contextlib.contextmanager
-def legacy_matching():
-    """Within: the implementation before the speed work of issue 9 for matching (1M-element
-    fresh blocks, float32 products only, index-tracking maxima), the VQ search, EFDM's sorts and
-    the flows' position tables (rebuilt per call)."""
-    saved = dict(residual._MAX_BLOCK_ELEMENTS), dict(residual.APPROXIMATE_SIMILARITY_DTYPE)
-    residual._MAX_BLOCK_ELEMENTS.update(LEGACY_BLOCK_ELEMENTS)
-    residual.APPROXIMATE_SIMILARITY_DTYPE.update({"cuda": None, "cpu": None})
-    patches = [(residual, "nearest_reference_indices", legacy_nearest_reference_indices),
-               (residual, "nearest_reference_indices_by_shots", legacy_nearest_reference_indices_by_shots),
-               (VectorQuantizer, "nearest", legacy_vq_nearest),
-               (resad, "match_feature_distribution", legacy_match_feature_distribution),
-               (flow.PositionConditionedSubnet, "_position_table", legacy_position_table)]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, replacement in patches:
-        setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-        residual._MAX_BLOCK_ELEMENTS.update(saved[0])
-        residual.APPROXIMATE_SIMILARITY_DTYPE.update(saved[1])
+def legacy_copy(model: ResAD) -> ResAD:
+    """A copy of ``model`` (equal parameters) running the implementation before the speed work."""
+    with torch.inference_mode(False):  # normal tensors, even when called under inference mode
+        old = copy.deepcopy(model)
+    old.__class__ = LegacyResAD
+    old.matcher = LegacyMatcher()
+    for module in old.modules():
+        if type(module) is VectorQuantizer:
+            module.__class__ = LegacyVectorQuantizer
+        elif type(module) is PositionConditionedSubnet:
+            module.__class__ = LegacySubnet
+    return old
 
 
 class LegacyReferencePool(TrainReferencePool):
     """The previous pool: every refresh re-encodes the whole pool; batches run the backbone."""
 
-    def refresh(self, generator: torch.Generator) -> None:
+    def _refresh(self, generator: torch.Generator) -> None:
         chosen, owners = [], []
         for name, samples in self.normals.items():
             order = torch.randperm(len(samples), generator=generator)[: self.pool_size].tolist()

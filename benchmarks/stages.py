@@ -1,24 +1,26 @@
 """Per-stage profile shared by the benchmarks: seconds, multiply-accumulates, GMAC/s.
 
-A :class:`StageProfile` times named stages of the real code path by wrapping
-functions and methods in place (:meth:`StageProfile.patch`, undone by
-:meth:`StageProfile.restore`).  Stages do not nest: a stage entered inside
-another one is charged to the outer one.  In *counting* mode the same wrappers
-run the stages under ``torch.utils.flop_counter.FlopCounterMode`` instead of
-timing them, which counts the multiply-accumulates of every matrix product and
-convolution (forward and backward) analytically from the tensor shapes.
+A :class:`StageProfile` times the stages that the production code marks
+(``utils.stages.stage``: "matching", "flow L1", "backbone", ...) while it
+listens (:meth:`StageProfile.listen`); it replaces no function.  Stages do not
+nest: a stage entered inside another one is charged to the outer one.  In
+*counting* mode the same marks run under
+``torch.utils.flop_counter.FlopCounterMode`` instead of being timed, which counts
+the multiply-accumulates of every matrix product and convolution (forward and
+backward) analytically from the tensor shapes.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import resource
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, List
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils.stages import listening
 
 
 def peak_memory_gib() -> float:
@@ -57,7 +59,10 @@ class StageProfile:
         self.counting = False
         self.enabled = True
         self._depth = 0
-        self._undo: List[Callable[[], None]] = []
+
+    def listen(self):
+        """Within: the production code's stage marks are timed (or counted) by this profile."""
+        return listening(self.stage)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -87,29 +92,6 @@ class StageProfile:
         finally:
             self._depth -= 1
 
-    def wrap(self, fn: Callable, name) -> Callable:
-        """``fn`` run as a stage; ``name`` is a string or a function of the call's arguments."""
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            with self.stage(name(*args, **kwargs) if callable(name) else name):
-                return fn(*args, **kwargs)
-        return timed
-
-    def patch(self, owner, attr: str, name) -> None:
-        """Replace ``owner.attr`` by its timed version until :meth:`restore`."""
-        original = getattr(owner, attr)
-        had_own = attr in vars(owner) if hasattr(owner, "__dict__") else True
-        setattr(owner, attr, self.wrap(original, name))
-        self._undo.append(lambda: setattr(owner, attr, original) if had_own else delattr(owner, attr))
-
-    def iterate(self, iterable: Iterable, name: str) -> "TimedIterable":
-        """``iterable`` with each ``next`` timed as stage ``name`` (data loading); stands in for tqdm."""
-        return TimedIterable(self, iterable, name)
-
-    def restore(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
     def reset_times(self) -> None:
         self.seconds.clear()
 
@@ -136,26 +118,6 @@ class StageProfile:
                      f"{total_macs / total_s:8.1f} {100 * total_macs / total_s / rate_gmacs:5.1f}%")
         lines.append(f"dense torch.mm rate measured in this run: {rate_gmacs:.1f} GMAC/s")
         return "\n".join(lines)
-
-
-class TimedIterable:
-    """An iterable whose every ``next`` is a stage; accepts tqdm's ``set_postfix``."""
-
-    def __init__(self, profile: StageProfile, iterable: Iterable, name: str):
-        self.profile, self.iterable, self.name = profile, iterable, name
-
-    def __iter__(self):
-        iterator = iter(self.iterable)
-        while True:
-            with self.profile.stage(self.name):
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    return
-            yield item
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
 
 
 def load_average() -> str:

@@ -32,16 +32,19 @@ from datasets import dataset_classes, list_fewshot_images  # noqa: E402
 from datasets.defects import DEFECT_FAMILIES, synthesize_anomaly  # noqa: E402
 from datasets.image_io import read_image  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
-from utils.engine import fit  # noqa: E402
-from utils.options import add_training_arguments  # noqa: E402
-from utils.references import extract_reference_features  # noqa: E402
+from utils.cli.adapters import run_config  # noqa: E402
+from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.formats.run_outputs import RunOutputs, mean_row  # noqa: E402
+from utils.run.extraction import extract_reference_features  # noqa: E402
+from utils.run.knn import evaluate_baseline  # noqa: E402
+from utils.run.train_run import train  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
 
 SIZE = 224
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     parser.add_argument("--fewshot_dir", default=os.path.join(REPO, "..", "shared", "data", "fewshot"))
     parser.add_argument("--work_dir", default=os.path.join(REPO, "benchmarks", "out", "synthetic_transfer"))
     parser.add_argument("--train_defects", nargs="+", default=["cut_paste", "scar", "perlin_texture"],
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
     extractor = build_extractor(OFFLINE_BACKBONE, device=device)
     refs = os.path.join(args.work_dir, f"refs_{args.shots}shot")
     extract_reference_features("folder", target_shots, refs, extractor, shots=args.shots)
-    train_args = add_training_arguments(argparse.ArgumentParser()).parse_args([
+    train_args = add_training_arguments(Parser()).parse_args([
         "--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", source,
         "--target_dataset", "folder", "--test_dataset_dir", target, "--test_ref_feature_dir", refs,
         "--anomaly_source", "synthetic", "--synthetic_defects", *args.train_defects,
@@ -123,21 +126,21 @@ def main(argv=None) -> None:
         "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device, "--seed", str(args.seed),
         "--checkpoint_path", os.path.join(args.work_dir, "runs")])
     run = "synthetic_transfer"
+    config = run_config(train_args, [args.shots], {args.shots: run})
     if args.knn_only:
-        train_args.baseline = "knn"
-        knn = fit(train_args, shots=[args.shots], run_names={args.shots: run}, extractor=extractor)[args.shots]
-        mean = knn.iloc[-1]
+        knn = evaluate_baseline(config, extractor=extractor)[args.shots]
+        mean = mean_row(knn)
         print(f"kNN baseline: image AUROC {mean['Image AUC']:.4f} | pixel AUROC {mean['Pixel AUC']:.4f} | "
               f"AUPRO {mean['Pixel AUPRO']:.4f}; wall time {time.time() - started:.0f} s")
         return
-    resad = fit(train_args, shots=[args.shots], run_names={args.shots: run}, extractor=extractor)[args.shots]
-    knn = pd.read_csv(os.path.join(args.work_dir, "runs", run, f"{run}_epoch{args.epochs}_baseline.csv"))
+    resad = train(config, extractor=extractor)[args.shots]
+    knn = pd.read_csv(RunOutputs(os.path.join(args.work_dir, "runs", run), run).baseline_csv(args.epochs))
     wall = time.time() - started
     print(f"\nsynthetic transfer: mvtec few-shot (synthetic {', '.join(args.train_defects)}) -> visa few-shot "
           f"(held-out {args.test_defect}), {args.shots} references, {args.epochs} epochs, {OFFLINE_BACKBONE}, {device}")
     print(f"{'method':<14}{'image AUROC':>12}{'pixel AUROC':>13}{'AUPRO':>8}")
     for name, table in (("ResAD", resad), ("kNN baseline", knn)):
-        mean = table.iloc[-1]
+        mean = mean_row(table)
         print(f"{name:<14}{mean['Image AUC']:>12.4f}{mean['Pixel AUC']:>13.4f}{mean['Pixel AUPRO']:>8.4f}")
     print(f"wall time {wall:.0f} s (test set, references, training, evaluation)")
 

@@ -10,8 +10,8 @@ MVTec folders, 15 classes x 8 images), batch 32 with ``drop_last`` (3 steps),
 ``--train_ref_shot`` references per class drawn from a reference pool that is
 re-encoded at the start of every epoch, stage 1.  ``--images N`` repeats the
 images (or, without the folder, uses N generated demo images).  An epoch is
-``utils.training.TrainReferencePool.refresh`` + ``train_one_epoch`` exactly as
-``main.py`` runs it.  First an epoch under the multiply-accumulate counter
+``TrainReferencePool.refresh`` + ``utils.run.training.train_one_epoch`` exactly as
+``main.py`` runs it; the stages are the ones the production code marks.  First an epoch under the multiply-accumulate counter
 (also a warm-up), then ``--epochs`` timed epochs.
 
 ``--compare`` also runs the previous implementation (``benchmarks/legacy.py``)
@@ -21,7 +21,6 @@ difference of the losses: the fast path must give the same losses to 1e-5.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -32,15 +31,14 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-import models.resad as resad  # noqa: E402
-import utils.training as training  # noqa: E402
 from benchmarks_common import build_benchmark_extractor, training_workload  # noqa: E402
 from stages import StageProfile, load_average, matmul_rate_gmacs, peak_memory_gib  # noqa: E402
-from models.constraintor import FeatureConstraintor  # noqa: E402
-from models.vq import MultiScaleVQ  # noqa: E402
-from utils.engine import build_model  # noqa: E402
-from utils.loaders import make_loader  # noqa: E402
-from utils.options import add_training_arguments  # noqa: E402
+from models.resad import ResAD  # noqa: E402
+from utils.cli.adapters import run_config  # noqa: E402
+from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.run.loaders import make_loader  # noqa: E402
+from utils.run.reference_pool import TrainReferencePool  # noqa: E402
+from utils.run.training import Trainer, train_one_epoch  # noqa: E402
 from utils.runtime import configure_device, resolve_device, tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
@@ -48,12 +46,11 @@ DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "fews
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="<data>/<cls>/train/good/* images (default: the 8-shot MVTec folders); "
                              "absent -> generated demo images")
     parser.add_argument("--images", type=int, default=0, help="training images (default: all of --data)")
-    parser.add_argument("--shots", type=int, default=None, help="references per class in a batch (--train_ref_shot)")
     parser.add_argument("--random_weights", action="store_true",
                         help="build the backbone with random weights (offline timing of any timm CNN)")
     parser.add_argument("--compare", action="store_true",
@@ -62,88 +59,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_arguments(parser)
     parser.set_defaults(backbone="tf_efficientnet_lite0", epochs=2, stage1_epochs=100,
                         num_workers=min(2, os.cpu_count() or 1))
-    args = parser.parse_args(argv)
-    if args.shots is not None:
-        args.train_ref_shot = args.shots
-    return args
+    return parser.parse_args(argv)
 
 
-def run_epochs(args, extractor, samples, normals, device, epochs: int, profile: StageProfile | None,
+def run_epochs(args, extractor, samples, normals, device, epochs: int, profile: StageProfile,
                legacy: bool = False):
-    """Train ``epochs`` epochs from the seed; returns (per-epoch seconds, per-step losses)."""
-    seed_everything(args.seed)
-    model = build_model(args, extractor.channels).to(device)
+    """Train ``epochs`` epochs from the seed, the stages timed (or counted) by ``profile``; returns
+    (per-epoch seconds, per-step losses, images the pool encoded)."""
     import legacy as old
-    trainer = training.Trainer(model, args)
+
+    seed_everything(args.seed)
+    config = run_config(args, [args.num_ref_shot], {args.num_ref_shot: "train_speed"})
+    model = ResAD(extractor.channels, config.model, fdm_alpha=config.evaluation.fdm_alpha).to(device)
+    model = old.legacy_copy(model) if legacy else model
+    trainer = StepRecorder(model, config.training)
     generator = torch.Generator().manual_seed(args.seed)
-    pool = (old.LegacyReferencePool if legacy else training.TrainReferencePool)(
+    pool = (old.LegacyReferencePool if legacy else TrainReferencePool)(
         extractor, normals, args.train_ref_pool, args.eval_batch_size, args.num_workers, device)
     loader = make_loader(samples, extractor, args.batch_size, args.num_workers, shuffle=True, drop_last=True,
                          generator=generator)
-    step_losses, epoch_seconds = [], []
-    original_step = trainer.train_step
-
-    def recording_step(*a, **k):
-        out = original_step(*a, **k)
-        step_losses.append(out)
-        return out
-
-    trainer.train_step = recording_step
-    encoded = 0
-    context = old.legacy_matching() if legacy else contextlib.nullcontext()
-    with context:
-        for epoch in range(epochs):
-            _one_epoch(args, extractor, trainer, pool, loader, generator, device, profile, epoch, epoch_seconds)
-            encoded += getattr(pool, "encoded_last_refresh", 0)
-    return epoch_seconds, step_losses, encoded
-
-
-def _one_epoch(args, extractor, trainer, pool, loader, generator, device, profile, epoch, epoch_seconds):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with profile.stage("reference pool refresh") if profile is not None else contextlib.nullcontext():
-        pool.refresh(generator)
-    training.train_one_epoch(trainer, extractor, loader, pool, False, generator, device, desc=f"epoch {epoch + 1}")
-    sync()
-    epoch_seconds.append(time.perf_counter() - start)
+    epoch_seconds, encoded = [], 0
+    with profile.listen():
+        for epoch in range(epochs):
+            sync()
+            start = time.perf_counter()
+            pool.refresh(generator)
+            train_one_epoch(trainer, extractor, loader, pool, False, generator, device, desc=f"epoch {epoch + 1}")
+            sync()
+            epoch_seconds.append(time.perf_counter() - start)
+            encoded += getattr(pool, "encoded_last_refresh", 0)
+    return epoch_seconds, trainer.step_losses, encoded
 
 
-def install_stages(profile: StageProfile, extractor) -> None:
-    """Wrap the stages of a training step of the real code path."""
-    last_level = [0]
+class StepRecorder(Trainer):
+    """The production :class:`Trainer`, keeping the losses of every step."""
 
-    def flow_name(self, level, *a, **k):
-        last_level[0] = level
-        return f"flow L{level + 1} forward"
+    def __post_init__(self):
+        super().__post_init__()
+        self.step_losses = []
 
-    def step_name(guard, loss, optimizer):
-        for key, opt in current_trainer[0].optimizers.items():
-            if opt is optimizer:
-                return f"{key} backward + Adam" if key != "flow" else f"flow L{last_level[0] + 1} backward + Adam"
-        return "backward + Adam"
-
-    current_trainer = [None]
-    original_init = training.Trainer.__post_init__
-
-    def remember(self):
-        current_trainer[0] = self
-        original_init(self)
-
-    training.Trainer.__post_init__ = remember
-    profile._undo.append(lambda: setattr(training.Trainer, "__post_init__", original_init))
-    original_tqdm = training.tqdm
-    training.tqdm = lambda iterable, **kw: profile.iterate(iterable, "loading")
-    profile._undo.append(lambda: setattr(training, "tqdm", original_tqdm))
-    profile.patch(extractor, "forward", "backbone")
-    profile.patch(resad, "match_references", "matching")
-    profile.patch(MultiScaleVQ, "loss", "VQ loss")
-    profile.patch(FeatureConstraintor, "forward", "constraintor forward")
-    profile.patch(training, "occ_loss", "OCC loss")
-    profile.patch(resad.ResAD, "flow_log_likelihoods", flow_name)
-    profile.patch(training, "flow_loss", "flow losses")
-    profile.patch(training, "normal_boundary", "flow losses")
-    profile.patch(training.StepGuard, "step", step_name)
+    def train_step(self, *args, **kwargs):
+        losses = super().train_step(*args, **kwargs)
+        self.step_losses.append(losses)
+        return losses
 
 
 def main(argv=None) -> None:
@@ -160,20 +119,16 @@ def main(argv=None) -> None:
           f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, load {load_average()}")
 
     profile = StageProfile(device)
-    install_stages(profile, extractor)
-    try:
-        # Multiply-accumulates: counted on one step (one batch, its images as the pool), then scaled.
-        profile.counting = True
-        first = samples[: args.batch_size]
-        first_normals = {}
-        for s in first:
-            first_normals.setdefault(s.class_name, []).append(s)
-        counted_pool = run_epochs(args, extractor, first, first_normals, device, 1, profile)[2]
-        profile.counting = False
-        rate = matmul_rate_gmacs(device)
-        seconds, losses, encoded = run_epochs(args, extractor, samples, normals, device, args.epochs, profile)
-    finally:
-        profile.restore()
+    # Multiply-accumulates: counted on one step (one batch, its images as the pool), then scaled.
+    profile.counting = True
+    first = samples[: args.batch_size]
+    first_normals = {}
+    for s in first:
+        first_normals.setdefault(s.class_name, []).append(s)
+    counted_pool = run_epochs(args, extractor, first, first_normals, device, 1, profile)[2]
+    profile.counting = False
+    rate = matmul_rate_gmacs(device)
+    seconds, losses, encoded = run_epochs(args, extractor, samples, normals, device, args.epochs, profile)
     total = sum(seconds)
 
     def scale(name: str) -> float:
@@ -192,12 +147,8 @@ def main(argv=None) -> None:
         # The previous implementation from the same seed, right after the profiled run of this one,
         # with the same stage wrappers (they cost well under 1 %).
         old_profile = StageProfile(device)
-        install_stages(old_profile, extractor)
-        try:
-            old_seconds, old_losses, _ = run_epochs(args, extractor, samples, normals, device, args.epochs,
-                                                    old_profile, legacy=True)
-        finally:
-            old_profile.restore()
+        old_seconds, old_losses, _ = run_epochs(args, extractor, samples, normals, device, args.epochs,
+                                                old_profile, legacy=True)
         old_profile.macs.update(profile.macs)
         print(old_profile.table(sum(old_seconds), rate, scale_macs=scale,
                                 title=f"previous implementation, {args.epochs} epoch(s)"))

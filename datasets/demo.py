@@ -1,7 +1,7 @@
 """A small synthetic dataset in MVTec AD layout, for the offline demo.
 
 :func:`generate_demo_dataset` draws 8 classes (see
-:mod:`datasets.synthetic_draw`): 5 seen and 3 unseen, each a mix of textures
+:mod:`datasets.demo_draw`): 5 seen and 3 unseen, each a mix of textures
 and objects, every unseen class of the same kind as some seen class without
 copying it. The result is read with :func:`list_samples` like MVTec AD, and
 ``<root>/<cls>/train/good`` also serves as a few-shot reference folder.
@@ -43,7 +43,11 @@ _TRAIN, _TEST_GOOD, _TEST_ANOMALOUS = range(3)
 count does not change the other images."""
 
 
-def generate_demo_dataset(root: str, seed: int = 0, n_train: int = 24, n_test_good: int = 8,
+DEFAULT_TRAIN_IMAGES = 24
+"""Normal training images per class of the demo dataset (its reference images too)."""
+
+
+def generate_demo_dataset(root: str, seed: int = 0, n_train: int = DEFAULT_TRAIN_IMAGES, n_test_good: int = 8,
                           n_test_anomalous: int = 12) -> str:
     """Write the demo dataset to ``root`` (unless already there) and return ``root``.
 

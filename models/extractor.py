@@ -88,6 +88,24 @@ class FeatureExtractor(nn.Module):
                 "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
+def backbone_mismatch(record: dict, wanted: dict, keys: Sequence[str] = ("backbone", "layers", "channels", "amp")
+                      ) -> Optional[str]:
+    """The first of ``keys`` on which a recorded backbone (a reference ``meta.json``, a checkpoint's
+    ``trained_on``) differs from ``wanted`` (a :meth:`FeatureExtractor.describe`); None when they agree.
+    A key absent from either side is not compared; a missing ``amp`` reads as "none"."""
+    for key in keys:
+        if key == "amp":
+            if "amp" in wanted and record.get("amp", "none") != wanted["amp"]:
+                return key
+        elif record.get(key) is not None and key in wanted and _plain(record[key]) != _plain(wanted[key]):
+            return key
+    return None
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 class CNNExtractor(FeatureExtractor):
     """A timm ``features_only`` CNN; the levels are its pyramid stages ``out_indices``."""
 

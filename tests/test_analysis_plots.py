@@ -8,9 +8,10 @@ import pytest
 
 import classwise_failure
 import shot_sensitivity_analysis
-from utils.analysis_plots import epoch_csvs, fitted_limits
+from utils.formats.run_outputs import metrics_csv_epochs as epoch_csvs
+from utils.report.analysis_plots import fitted_limits
 from utils.errors import UserError
-from utils.evaluation import CSV_COLUMNS
+from utils.formats.run_outputs import CSV_COLUMNS
 from utils.metrics import METRIC_NAMES
 
 

@@ -19,7 +19,7 @@ import torch
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from utils.metrics import METRIC_NAMES
-from utils.references import extract_reference_features
+from utils.run.extraction import extract_reference_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,8 +206,9 @@ def finished_run(demo):
 def test_resume_rejects_foreign_or_broken_checkpoints(demo, finished_run, tmp_path):
     out = tmp_path / "out"
     ckpt = torch.load(finished_run / "demo" / "demo_latest.pth", weights_only=True)
-    for change, fragment in [({"args": dict(ckpt["args"], setting="mvtec_to_visa")}, "--setting mvtec_to_visa"),
-                             ({"backbone": "wide_resnet50_2", "channels": [256, 512, 1024]},
+    trained = ckpt["trained_on"]
+    for change, fragment in [({"trained_on": dict(trained, setting="mvtec_to_visa")}, "--setting mvtec_to_visa"),
+                             ({"trained_on": dict(trained, backbone="wide_resnet50_2", channels=[256, 512, 1024])},
                               "--backbone wide_resnet50_2")]:
         path = tmp_path / "foreign.pth"
         torch.save(dict(ckpt, **change), path)
@@ -223,6 +224,17 @@ def test_resume_rejects_foreign_or_broken_checkpoints(demo, finished_run, tmp_pa
     assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": junk})), "cannot read", out=out)
     assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": tmp_path / "none.pth"})),
                       "checkpoint not found", out=out)
+
+
+def test_resume_refuses_other_model_options_naming_each(demo, finished_run, tmp_path):
+    latest = finished_run / "demo" / "demo_latest.pth"
+    out = tmp_path / "out"
+    assert_user_error(run("main.py", *main_args(demo, out, **{"--resume": latest, "--clamp_alpha": 2.5})),
+                      str(latest), "--clamp_alpha 1.9 (this run 2.5)", out=out)
+    proc = run("main.py", *main_args(demo, out, **{"--resume": latest, "--clamp_alpha": 2.5, "--coupling_layers": 3,
+                                                    "--residual": "difference"}))
+    assert_user_error(proc, "--clamp_alpha 1.9 (this run 2.5)", "--coupling_layers 2 (this run 3)",
+                      "--residual squared (this run difference)", out=out)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):

@@ -1,5 +1,4 @@
 """Training steps and the whole run (extract -> train -> evaluate -> files) on generated data."""
-import argparse
 import hashlib
 import json
 import math
@@ -21,21 +20,15 @@ from matplotlib.image import imread
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.resad import ResAD
-from utils.engine import fit
-from utils.evaluation import CSV_COLUMNS
-from utils.references import extract_reference_features
-from utils.training import FLOW_MINIBATCH, Trainer
+from models.resad import ModelConfig
+from tests.run_helpers import fit, make_args
+from utils.cli.adapters import run_config
+from utils.formats.run_outputs import CSV_COLUMNS
 from utils.metrics import METRIC_NAMES
-from utils.options import add_training_arguments
+from utils.run.extraction import extract_reference_features
+from utils.run.training import FLOW_MINIBATCH, Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_args(**overrides) -> argparse.Namespace:
-    args = add_training_arguments(argparse.ArgumentParser()).parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
 
 
 @pytest.mark.parametrize("stage2", [False, True])
@@ -43,8 +36,8 @@ def test_every_level_flow_is_trained_in_a_step(stage2):
     torch.manual_seed(0)
     np.random.seed(0)
     channels, sizes, batch = [6, 6, 6], [56, 28, 14], 32
-    model = ResAD(channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=16)
-    trainer = Trainer(model, make_args(lr=1e-3))
+    model = ResAD(channels, ModelConfig(num_embeddings=16, coupling_layers=2, pos_embed_dim=16))
+    trainer = Trainer(model, run_config(make_args(lr=1e-3), [4], {4: "run"}).training)
     features = [torch.rand(batch, c, s, s) for c, s in zip(channels, sizes)]
     residuals = [f.square() for f in features]
     masks = torch.zeros(batch, 1, 224, 224)
@@ -106,11 +99,11 @@ def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_pa
     assert len(heatmaps) == 2 * len(DEMO_UNSEEN) and all(h.endswith(".png") for h in heatmaps)
 
     latest = torch.load(run / "demo_latest.pth", weights_only=True)
-    assert latest["epoch"] == 2 and latest["backbone"] == OFFLINE_BACKBONE and latest["args"]["setting"] == "demo"
+    assert latest["epoch"] == 2 and latest["trained_on"]["backbone"] == OFFLINE_BACKBONE and latest["args"]["setting"] == "demo"
     assert set(latest["trainer"]["optimizers"]) == {"vq", "constraintor", "flow"}
     assert set(latest["trainer"]["schedulers"]) == {"vq", "constraintor", "flow"}
     assert len(latest["trainer"]["boundaries"]["values"]) == 3 and "rng" in latest and "generator" in latest
-    model = ResAD([24, 40, 112], num_embeddings=64, coupling_layers=2)
+    model = ResAD([24, 40, 112], ModelConfig(num_embeddings=64, coupling_layers=2))
     model.load_state_dict(latest["model"])  # a complete, loadable model
     best = torch.load(run / "demo_best.pth", weights_only=True)
     assert best["best"][2]["metric"] == "Image AUC" and best["best"][2]["epoch"] in (1, 2)
@@ -207,15 +200,15 @@ def test_persistent_nan_stops_with_a_message_and_keeps_the_last_checkpoint(demo_
 
     state = {"poison": False}
     _inject_nan(monkeypatch, lambda n: state["poison"])
-    import utils.engine as engine
-    original_eval = engine.evaluate
+    import utils.run.train_run as train_run
+    original_eval = train_run.evaluate
 
     def evaluate_then_poison(*a, **k):
         out = original_eval(*a, **k)
         state["poison"] = True  # every step after the first evaluation is NaN
         return out
 
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_poison)
+    monkeypatch.setattr(train_run, "evaluate", evaluate_then_poison)
     with pytest.raises(UserError, match="training diverged: 5 consecutive"):
         with pytest.warns(RuntimeWarning):
             fit(demo_args(demo_root, demo_refs, tmp_path, epochs=3, max_bad_steps=5, num_heatmaps=0),

@@ -12,9 +12,9 @@ from PIL import Image
 
 from datasets import AnomalyDataset, Sample, list_fewshot_images
 from models.extractor import OFFLINE_BACKBONE, _efficientnet_lite0_state_dict, build_extractor, set_amp
-from utils.references import extract_reference_features
+from utils.run.extraction import extract_reference_features
 from utils.errors import UserError
-from utils.io import load_reference_bank
+from utils.formats.reference_features import load_bank as load_reference_bank
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEWSHOT = os.path.join(REPO, "..", "shared", "data", "fewshot")
@@ -158,7 +158,12 @@ def test_reference_bank_checks(tmp_path, extractor):
 
 
 def test_extraction_flag_checks(tmp_path, extractor):
-    with pytest.raises(UserError, match="--shots 0"):
+    import extract_ref_features
+
+    with pytest.raises(UserError, match="--shots 0"):  # a range check of the parser, which names the flag
+        extract_ref_features.main(["--dataset", "demo", "--few_shot_dir", str(tmp_path), "--save_dir",
+                                   str(tmp_path / "out"), "--shots", "0"])
+    with pytest.raises(ValueError):  # the library's own check
         extract_reference_features("demo", str(tmp_path), str(tmp_path / "out"), extractor, shots=0)
     with pytest.raises(UserError, match="few-shot folder .*weave.* not found"):
         extract_reference_features("demo", str(tmp_path), str(tmp_path / "out"), extractor, classes=["weave"])

@@ -12,8 +12,9 @@ from models.constraintor import FeatureConstraintor
 from models.flow import (LevelFlow, PositionConditionedSubnet, grid_coordinates, log_likelihoods,
                          positional_encoding_2d)
 from models.losses import (BoundaryAverager, bgspp_loss, flow_loss, focal_loss, normal_boundary, occ_loss)
-from models.residual import (ReferenceBank, flatten_positions, match_feature_distribution, match_references,
-                             nearest_reference_indices, residual_features, unflatten_positions)
+from models.matching import Matcher, ReferenceBank, match_references, nearest_reference_indices
+from models.positions import flatten_positions, unflatten_positions
+from models.residual import match_feature_distribution, residual_features
 from models.vq import VectorQuantizer
 
 
@@ -37,15 +38,14 @@ def test_nearest_reference_matches_brute_force_cosine():
     assert (got == np.array(expected)).all()
 
 
-def test_nearest_reference_chunking_gives_same_answer(monkeypatch):
-    import models.residual as residual
+def test_nearest_reference_chunking_gives_same_answer():
     queries, bank = torch.randn(257, 8), F.normalize(torch.randn(100, 8), dim=1)
     whole = nearest_reference_indices(queries, bank)
-    monkeypatch.setattr(residual, "_MAX_BLOCK_ELEMENTS", {"cpu": 700, "cuda": 700})  # blocks of 7 rows
-    assert torch.equal(nearest_reference_indices(queries, bank), whole)
+    blocks = Matcher(blocks={"cpu": 700, "cuda": 700})  # blocks of 7 rows
+    assert torch.equal(blocks.nearest(queries, bank), whole)
     # tiles of 7 query rows x at most 30 bank rows (4 column tiles of 25, merged in order)
-    monkeypatch.setattr(residual, "MATCH_TILE", {"cpu": (7 * 25, 30), "cuda": (7 * 25, 30)})
-    assert torch.equal(nearest_reference_indices(queries, bank), whole)
+    tiles = Matcher(tiles={"cpu": (7 * 25, 30), "cuda": (7 * 25, 30)})
+    assert torch.equal(tiles.nearest(queries, bank), whole)
     assert torch.equal(whole, torch.argmax(F.normalize(queries, dim=1) @ bank.t(), dim=1))
 
 

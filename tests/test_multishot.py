@@ -14,12 +14,15 @@ import main_extended_multi_shot
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.resad import ResAD
-from models.residual import ReferenceBank, nearest_reference_indices, nearest_reference_indices_by_shots
+from models.matching import Matcher, ReferenceBank, nearest_reference_indices, nearest_reference_indices_by_shots
+from models.resad import ModelConfig
 from utils.errors import UserError
-from utils.evaluation import CSV_COLUMNS, ClassEvaluation, reference_groups, results_table
-from utils.failures import f1_max_threshold, failure_cases
+from utils.formats.run_outputs import CSV_COLUMNS
+from utils.report.failures import f1_max_threshold, failure_cases
+from utils.report.results import evaluation_table as results_table
+from utils.run.evaluation import ClassEvaluation, reference_groups
 from utils.metrics import METRIC_NAMES
-from utils.references import extract_reference_features
+from utils.run.extraction import extract_reference_features
 
 
 def separate_argmax(queries, bank_n, rows):
@@ -43,10 +46,9 @@ def test_prefix_matching_equals_separate_k_shot_matchings_on_random_data(seed):
 
 
 @pytest.mark.parametrize("tile", [None, (4 * 4, 4)])
-def test_prefix_matching_breaks_exact_ties_like_argmax(tile, monkeypatch):
-    if tile is not None:  # tiles of 4 query rows x 3-4 bank rows: ties across tiles and shots
-        import models.residual as residual
-        monkeypatch.setattr(residual, "MATCH_TILE", {"cpu": tile, "cuda": tile})
+def test_prefix_matching_breaks_exact_ties_like_argmax(tile):
+    # tiles of 4 query rows x 3-4 bank rows: ties across tiles and shots
+    matcher = Matcher(tiles={"cpu": tile, "cuda": tile} if tile is not None else None)
     # Rows with four entries of +-1 have norm 2: normalised entries are +-0.5 and every dot
     # product is an exact sum of +-0.25, so equal similarities are exactly equal (many ties).
     g = torch.Generator().manual_seed(3)
@@ -64,7 +66,7 @@ def test_prefix_matching_breaks_exact_ties_like_argmax(tile, monkeypatch):
     raw[per_shot + 2] = raw[per_shot + 1]                      # a duplicated row inside shot 2
     bank = F.normalize(raw, dim=1)
     queries = torch.cat([sparse_signs(300), raw[:per_shot] * 3.0])
-    found = nearest_reference_indices_by_shots(queries, bank, shots, range(1, shots + 1))
+    found = matcher.nearest_by_shots(queries, bank, shots, range(1, shots + 1))
     sims = F.normalize(queries, dim=1) @ bank.t()
     ties = 0
     for k in range(1, shots + 1):
@@ -82,7 +84,7 @@ def test_prefix_matching_breaks_exact_ties_like_argmax(tile, monkeypatch):
 def test_forward_shots_equals_separate_forward_per_k():
     torch.manual_seed(0)
     channels, sizes = [5, 6, 7], [8, 4, 2]
-    model = ResAD(channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=8).eval()
+    model = ResAD(channels, ModelConfig(num_embeddings=16, coupling_layers=2, pos_embed_dim=8)).eval()
     features = [torch.randn(3, c, s, s) for c, s in zip(channels, sizes)]
     bank = ReferenceBank.from_features([torch.randn(4, c, s, s) for c, s in zip(channels, sizes)])
     together = model.forward_shots(features, bank, [1, 3, 4])
@@ -172,6 +174,16 @@ def script_args(demo, out, *extra, **overrides):
     return [str(x) for key, value in options.items() if value is not None for x in (key, value)] + [str(x) for x in extra]
 
 
+def eval_args(demo, out, ckpt, *extra, **overrides):
+    """--eval_only flags: the checkpoint gives the backbone and the model, nothing is trained."""
+    options = {"--setting": "demo", "--test_dataset_dir": demo["root"], "--test_ref_feature_dir": demo["refs"],
+               "--eval_batch_size": 8, "--num_workers": 0, "--device": "cpu", "--checkpoint_path": str(out),
+               "--num_heatmaps": 3, "--eval_only": True, "--checkpoint": str(ckpt)}
+    options.update(overrides)
+    return [str(x) for key, value in options.items() if value is not None
+            for x in ((key,) if value is True else (key, value))] + [str(x) for x in extra]
+
+
 @pytest.fixture(scope="module")
 def trained(demo):
     out = demo["base"] / "run"
@@ -201,15 +213,13 @@ def test_multi_shot_script_writes_the_per_k_layout(trained):
     assert not np.allclose(tables[1][pixel].to_numpy(), tables[2][pixel].to_numpy(), atol=1e-6, rtol=0)
     ckpt = torch.load(trained / "demo_2shot" / "demo_2shot_latest.pth", weights_only=False)
     assert ckpt["trained_on"] == {"setting": "demo", "source": "demo", "seen_classes": list(DEMO_SEEN),
-                                  "backbone": OFFLINE_BACKBONE, "channels": list(ckpt["channels"]),
-                                  "layers": [1, 2, 3], "feature_levels": len(ckpt["channels"])}
+                                  "backbone": OFFLINE_BACKBONE, "channels": [24, 40, 112],
+                                  "layers": [1, 2, 3], "feature_levels": 3}
 
 
 def test_eval_only_reproduces_the_training_run_metrics(demo, trained, tmp_path):
     ckpt = trained / "demo_2shot" / "demo_2shot_latest.pth"
-    main_extended_multi_shot.main(script_args(demo, tmp_path, "--shots", "1", "2", "--eval_only",
-                                              "--checkpoint", ckpt, "--train_dataset_dir", "/nonexistent",
-                                              "--coupling_layers", 4, "--num_heatmaps", 0))
+    main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--shots", "1", "2", "--num_heatmaps", 0))
     for k in (1, 2):
         name = f"demo_{k}shot"
         with open(trained / name / f"{name}_epoch1_metrics.csv") as f, open(tmp_path / name / f"{name}_epoch1_metrics.csv") as g:
@@ -219,8 +229,8 @@ def test_eval_only_reproduces_the_training_run_metrics(demo, trained, tmp_path):
 
 def test_eval_only_with_reference_groups_reports_std(demo, trained, tmp_path):
     ckpt = trained / "demo_2shot" / "demo_2shot_latest.pth"
-    main_extended_multi_shot.main(script_args(demo, tmp_path, "--shots", "1", "--eval_only", "--checkpoint",
-                                              ckpt, "--ref_groups", 2, "--num_heatmaps", 0, "--no_aupro"))
+    main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--shots", "1", "--ref_groups", 2,
+                                            "--num_heatmaps", 0, "--no_aupro"))
     one = pd.read_csv(tmp_path / "demo_1shot" / "demo_1shot_epoch1_metrics.csv")
     assert list(one.columns) == list(CSV_COLUMNS) + [f"{m} std" for m in METRIC_NAMES]
     # one shot drawn out of two, twice: the second draw is the other shot, so some std is positive
@@ -231,21 +241,32 @@ def test_eval_only_with_reference_groups_reports_std(demo, trained, tmp_path):
 def test_eval_only_refuses_mismatches_in_one_line(demo, trained, tmp_path):
     ckpt = trained / "demo_2shot" / "demo_2shot_latest.pth"
     with pytest.raises(UserError, match="holds a model trained on demo .*--setting mvtec_to_btad is trained on mvtec"):
-        main_extended_multi_shot.main(script_args(demo, tmp_path, "--eval_only", "--checkpoint", ckpt,
-                                                  "--setting", "mvtec_to_btad"))
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--setting", "mvtec_to_btad"))
     other = tmp_path / "refs_other"
     shutil.copytree(demo["refs"], other)
     meta_path = other / DEMO_UNSEEN[0] / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(dict(meta, backbone="wide_resnet50_2")))
     with pytest.raises(UserError, match=f"wide_resnet50_2, but --checkpoint .* --backbone {OFFLINE_BACKBONE}"):
-        main_extended_multi_shot.main(script_args(demo, tmp_path, "--eval_only", "--checkpoint", ckpt,
-                                                  "--test_ref_feature_dir", other))
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--test_ref_feature_dir", other))
     with pytest.raises(UserError, match=r"--shots 3: .* holds only 2 shots"):
-        main_extended_multi_shot.main(script_args(demo, tmp_path, "--shots", "1", "3", "--eval_only",
-                                                  "--checkpoint", ckpt))
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--shots", "1", "3"))
     with pytest.raises(UserError, match="--eval_only: give the trained model with --checkpoint"):
-        main_extended_multi_shot.main(script_args(demo, tmp_path, "--eval_only"))
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, **{"--checkpoint": None}))
     with pytest.raises(UserError, match="--checkpoint .*only used with --eval_only"):
         main_extended_multi_shot.main(script_args(demo, tmp_path, "--checkpoint", ckpt))
     assert not any(files for folder, _, files in os.walk(tmp_path) if "refs_other" not in folder)
+
+
+def test_eval_only_refuses_the_flags_it_would_ignore(demo, trained, tmp_path):
+    ckpt = trained / "demo_2shot" / "demo_2shot_latest.pth"
+    for flags, named in ((("--coupling_layers", 4), "--coupling_layers"), (("--epochs", 3, "--lr", 1e-3), "--epochs, --lr"),
+                         (("--train_dataset_dir", "/nonexistent"), "--train_dataset_dir"),
+                         (("--backbone", "resnet18"), "--backbone"), (("--resume",), "--resume"),
+                         (("--baseline", "knn"), "--baseline")):
+        with pytest.raises(UserError, match=f"^{named}: not used here|^--baseline: not with --eval_only") as err:
+            main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, *flags))
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="^--num_ref_shot: not used here|unrecognized arguments: --num_ref_shot"):
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--num_ref_shot", 2))  # --shots here
+    assert not any(files for _, _, files in os.walk(tmp_path))

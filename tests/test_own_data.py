@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from datasets import NORMAL, Sample, custom_setting, dataset_classes, test_samples, training_samples
+from datasets import NORMAL, Sample, custom_setting, dataset_classes, evaluation_samples, training_samples
 from datasets.anomaly_source import SyntheticAnomalyDataset, choose_anomaly_source
 from datasets.defects import DEFECT_FAMILIES, defect_region, foreground_estimate, synthesize_anomaly
 from models.knn_baseline import knn_anomaly_maps, knn_level_maps, nearest_distances
-from models.residual import ReferenceBank
+from models.matching import ReferenceBank
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +124,7 @@ def test_folder_dataset_and_custom_setting(tmp_path):
     setting = custom_setting("folder", "folder", ["bolt", "gear"], ["nut"], root, root)
     assert (setting.source, setting.seen_classes, setting.unseen_classes) == ("folder", ("bolt", "gear"), ("nut",))
     assert len(training_samples("folder", root, setting.seen_classes, stage=1)) == 4
-    tests = test_samples("folder", root, "nut")
+    tests = evaluation_samples("folder", root, "nut")
     assert [s.label for s in tests] == [1, 1, 0, 0] and all(s.masks for s in tests if s.label)
     assert custom_setting("folder", "mvtec", None, ["bottle"], root, "").seen_classes == ("bolt", "gear", "nut")
 
@@ -203,9 +203,9 @@ needs_fewshot = pytest.mark.skipif(not os.path.isdir(os.path.join(FEWSHOT_MVTEC,
 
 def small_args(*extra):
     from models.extractor import OFFLINE_BACKBONE
-    from utils.options import add_training_arguments
+    from utils.cli.options import Parser, add_training_arguments
 
-    return add_training_arguments(argparse.ArgumentParser()).parse_args([
+    return add_training_arguments(Parser()).parse_args([
         "--backbone", OFFLINE_BACKBONE, "--batch_size", "8", "--eval_batch_size", "8", "--train_ref_shot", "2",
         "--train_ref_pool", "4", "--lr", "1e-3", "--num_embeddings", "32", "--coupling_layers", "2",
         "--num_workers", "0", "--num_heatmaps", "0", *extra])
@@ -215,12 +215,14 @@ def small_args(*extra):
 def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
     """Stage-2 training steps on one batch of a few-shot folder with synthetic anomalies."""
     from models.extractor import OFFLINE_BACKBONE, build_extractor
-    from utils.engine import build_model
-    from utils.loaders import make_loader
     from models.flow import grid_coordinates
     from models.losses import flow_loss
-    from models.residual import flatten_positions
-    from utils.training import Trainer, TrainReferencePool, batch_residuals, level_masks
+    from models.positions import flatten_positions
+    from models.resad import ResAD
+    from utils.cli.adapters import run_config
+    from utils.run.loaders import make_loader
+    from utils.run.reference_pool import TrainReferencePool
+    from utils.run.training import Trainer, batch_residuals, level_masks
 
     torch.manual_seed(0)
     args = small_args("--lr", "1e-3")
@@ -232,8 +234,9 @@ def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
                          dataset_class=lambda *a, **k: SyntheticAnomalyDataset(*a, fraction=0.5, seed=0, **k))
     batch = next(iter(loader))
     assert 0 < int(batch["label"].sum()) < 8 and batch["mask"].sum() > 0
-    model = build_model(args, extractor.channels)
-    trainer, generator = Trainer(model, args), torch.Generator().manual_seed(0)
+    config = run_config(args, [4], {4: "run"})
+    model = ResAD(extractor.channels, config.model, config.evaluation.fdm_alpha)
+    trainer, generator = Trainer(model, config.training), torch.Generator().manual_seed(0)
     normals = {c: [s for s in samples if s.class_name == c] for c in ("bottle", "hazelnut")}
     pool = TrainReferencePool(extractor, normals, 4, 8, 0, torch.device("cpu"))
     pool.refresh(generator)
@@ -263,8 +266,8 @@ def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
 def test_fit_in_synthetic_mode_on_a_fewshot_folder_writes_the_baseline(tmp_path, capsys):
     from datasets import DEMO_UNSEEN, generate_demo_dataset
     from models.extractor import OFFLINE_BACKBONE, build_extractor
-    from utils.engine import fit
-    from utils.references import extract_reference_features
+    from tests.run_helpers import fit
+    from utils.run.extraction import extract_reference_features
 
     demo = generate_demo_dataset(str(tmp_path / "demo"), n_train=2, n_test_good=2, n_test_anomalous=2)
     extractor = build_extractor(OFFLINE_BACKBONE)

@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from utils import io
-from utils.engine import CHECKPOINT_FORMAT
+from utils import atomic, safe_load
+from utils.formats import checkpoint, reference_features
+from utils.formats.checkpoint import CHECKPOINT_FORMAT
 from utils.errors import UserError
-from utils.evaluation import CSV_COLUMNS, RunOutputs
-from utils.history import TrainingHistory, check_tensorboard, spans_decades
+from utils.formats.run_outputs import CSV_COLUMNS, RunOutputs
+from utils.report.history import TrainingHistory, check_tensorboard, spans_decades
 from utils.metrics import METRIC_NAMES
 from utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -52,7 +53,7 @@ def test_crafted_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     with open(legacy, "wb") as f:
         pickle.dump({"state_dict": Payload(marker)}, f)
     for path in (zipped, legacy):
-        for load, flag in ((io.load_checkpoint, "--resume"), (io.load_weights, "--backbone_weights")):
+        for load, flag in ((checkpoint.load, "--resume"), (safe_load.load_weights, "--backbone_weights")):
             with pytest.raises(UserError) as err:
                 load(str(path))
             message = str(err.value)
@@ -65,7 +66,7 @@ def test_checkpoints_hold_only_plain_values_and_round_trip_weights_only(tmp_path
     random.random(), np.random.randn(), torch.rand(1)  # noqa: B018 - advance every generator
     state = {"format": CHECKPOINT_FORMAT, "rng": rng_state(), "args": {"lr": 1e-4, "resume": None}}
     path = tmp_path / "ckpt.pth"
-    io.save_checkpoint(str(path), state)
+    checkpoint.save(str(path), state)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
     expected = (random.random(), np.random.randn(), np.random.rand(), torch.rand(1))
     set_rng_state(torch.load(path, weights_only=True)["rng"])
@@ -73,7 +74,7 @@ def test_checkpoints_hold_only_plain_values_and_round_trip_weights_only(tmp_path
 
     # a state that weights-only loading would refuse is never written
     with pytest.raises(TypeError, match="argparse.Namespace"):
-        io.save_checkpoint(str(tmp_path / "bad.pth"), {"args": argparse.Namespace(lr=1)})
+        checkpoint.save(str(tmp_path / "bad.pth"), {"args": argparse.Namespace(lr=1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
 
 
@@ -87,11 +88,11 @@ def test_checkpoints_of_the_earlier_format_are_converted_on_load(tmp_path):
     torch.save(old, path)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # not loadable weights-only as is
     expected = (random.random(), np.random.randn(), np.random.rand(3).tolist())
-    state = io.load_checkpoint(str(path))
+    state = checkpoint.load(str(path))
     assert isinstance(state["rng"]["numpy"]["state"]["key"], list)
     set_rng_state(state["rng"])
     assert (random.random(), np.random.randn(), np.random.rand(3).tolist()) == expected
-    io.save_checkpoint(str(tmp_path / "new.pth"), state)  # and it is written back in the plain format
+    checkpoint.save(str(tmp_path / "new.pth"), state)  # and it is written back in the plain format
     torch.load(tmp_path / "new.pth", weights_only=True)
 
 
@@ -105,11 +106,11 @@ def test_load_weights_unwraps_state_dicts(tmp_path):
         torch.save(content, tmp_path / name)
     save_file(weights, str(tmp_path / "w.safetensors"))
     for name in list(files) + ["w.safetensors"]:
-        loaded = io.load_weights(str(tmp_path / name))
+        loaded = safe_load.load_weights(str(tmp_path / name))
         assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
     torch.save({"epoch": 3}, tmp_path / "nothing.pth")
     with pytest.raises(UserError, match="holds no state_dict"):
-        io.load_weights(str(tmp_path / "nothing.pth"))
+        safe_load.load_weights(str(tmp_path / "nothing.pth"))
 
 
 # --------------------------------------------------------------------------- reference features
@@ -121,12 +122,12 @@ def test_changed_or_truncated_reference_layer_is_refused(tmp_path):
     extractor = {"backbone": "tiny", "channels": channels, "feature_sizes": [[s, s] for s in sizes],
                  "image_size": 32}
     folder = tmp_path / "refs"
-    io.save_reference_features(str(folder), "cls", features, {"backbone": "tiny"})
+    reference_features.save(str(folder), "cls", features, {"backbone": "tiny"})
     meta = json.loads((folder / "cls" / "meta.json").read_text())
     for level in (1, 2, 3):
         data = (folder / "cls" / f"layer{level}.npy").read_bytes()
         assert meta["sha256"][f"layer{level}.npy"] == hashlib.sha256(data).hexdigest()
-    bank = io.load_reference_bank(str(folder), "cls", extractor, 3)
+    bank = reference_features.load_bank(str(folder), "cls", extractor, 3)
     layer2 = folder / "cls" / "layer2.npy"
     original = layer2.read_bytes()
 
@@ -138,13 +139,13 @@ def test_changed_or_truncated_reference_layer_is_refused(tmp_path):
     for content in (bytes(changed), truncated):
         layer2.write_bytes(content)
         with pytest.raises(UserError) as err:
-            io.load_reference_bank(str(folder), "cls", extractor, 2)
+            reference_features.load_bank(str(folder), "cls", extractor, 2)
         assert str(layer2) in str(err.value) and "extract_ref_features.py" in str(err.value)
 
     # the authors' files (no meta.json) load unchecked
     layer2.write_bytes(original)
     (folder / "cls" / "meta.json").unlink()
-    unchecked = io.load_reference_bank(str(folder), "cls", extractor, 3)
+    unchecked = reference_features.load_bank(str(folder), "cls", extractor, 3)
     assert all(torch.equal(a, b) for a, b in zip(unchecked.levels, bank.levels))
 
 
@@ -215,11 +216,11 @@ def test_result_files_get_the_mode_of_a_plain_open(tmp_path):
 
     old = os.umask(0o022)
     try:
-        io.save_json(str(tmp_path / "a.json"), {"x": 1})
+        atomic.save_json(str(tmp_path / "a.json"), {"x": 1})
         with open(tmp_path / "plain.txt", "w") as handle:
             handle.write("x")
         os.umask(0o077)
-        io.save_json(str(tmp_path / "b.json"), {"x": 1})
+        atomic.save_json(str(tmp_path / "b.json"), {"x": 1})
     finally:
         os.umask(old)
     mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731

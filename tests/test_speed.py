@@ -1,7 +1,6 @@
 """The fast paths compute what the plain ones compute: certified matching, the reference
 pool's feature reuse, a training epoch against the previous implementation; and the
 first-run checks that run before any backbone is built."""
-import contextlib
 import math
 import os
 import sys
@@ -12,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import models.residual as residual
+import models.matching as matching
 from datasets import Sample
-from models.residual import certified_argmax_rows, nearest_reference_indices, similarity_error_bound
+from models.matching import Matcher, certified_argmax_rows, nearest_reference_indices, similarity_error_bound
+from models.extractor import BackboneConfig
+from models.resad import ModelConfig
+from models.residual import _sorted_values
 from models.resad import ResAD
 from utils.errors import UserError
 
@@ -65,12 +67,11 @@ def test_similarity_error_bound_holds(dtype, dim):
     assert (approx - exact).abs().max().item() <= similarity_error_bound(dtype, dim)
 
 
-def test_nearest_reference_indices_certified_path(monkeypatch):
+def test_nearest_reference_indices_certified_path():
     q, bank = _near_tied(40, queries=257)
     expected = _brute_force_argmax(F.normalize(q, dim=1), F.normalize(bank, dim=1))
-    monkeypatch.setitem(residual.APPROXIMATE_SIMILARITY_DTYPE, "cpu", torch.float16)
-    monkeypatch.setitem(residual._MAX_BLOCK_ELEMENTS, "cpu", 200 * 30)  # blocks of 30 query rows
-    assert (nearest_reference_indices(q, F.normalize(bank, dim=1)).numpy() == expected).all()
+    certified = Matcher(approximate={"cpu": torch.float16}, blocks={"cpu": 200 * 30})  # blocks of 30 query rows
+    assert (certified.nearest(q, F.normalize(bank, dim=1)).numpy() == expected).all()
 
 
 # --------------------------------------------------------------------------- reference pool reuse
@@ -106,8 +107,8 @@ def tiny_images(tmp_path):
 
 
 def test_pool_encodes_only_new_images_and_serves_batches(tiny_images):
-    from utils.loaders import make_loader
-    from utils.training import TrainReferencePool
+    from utils.run.loaders import make_loader
+    from utils.run.reference_pool import TrainReferencePool
 
     extractor = TinyExtractor()
     pool = TrainReferencePool(extractor, tiny_images, pool_size=2, batch_size=4, num_workers=0,
@@ -135,9 +136,11 @@ def test_pool_encodes_only_new_images_and_serves_batches(tiny_images):
 def test_training_epoch_gives_the_losses_of_the_previous_implementation(tiny_images):
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import legacy
-    from tests.test_engine import make_args
-    from utils.loaders import make_loader
-    from utils.training import Trainer, TrainReferencePool, train_one_epoch
+    from tests.run_helpers import make_args
+    from utils.cli.adapters import run_config
+    from utils.run.loaders import make_loader
+    from utils.run.reference_pool import TrainReferencePool
+    from utils.run.training import Trainer, train_one_epoch
 
     samples = [s for group in tiny_images.values() for s in group]
     args = make_args(lr=1e-3, train_ref_shot=2, batch_size=4, num_embeddings=16, coupling_layers=2,
@@ -146,18 +149,18 @@ def test_training_epoch_gives_the_losses_of_the_previous_implementation(tiny_ima
     def run(old: bool):
         torch.manual_seed(0)
         np.random.seed(0)
-        model = ResAD(TinyExtractor.channels, num_embeddings=16, coupling_layers=2, pos_embed_dim=16)
-        trainer = Trainer(model, args)
+        model = ResAD(TinyExtractor.channels, ModelConfig(num_embeddings=16, coupling_layers=2, pos_embed_dim=16))
+        model = legacy.legacy_copy(model) if old else model
+        trainer = Trainer(model, run_config(args, [4], {4: "run"}).training)
         generator = torch.Generator().manual_seed(0)
         pool = (legacy.LegacyReferencePool if old else TrainReferencePool)(
             TinyExtractor(), tiny_images, 2, 4, 0, torch.device("cpu"))
         loader = make_loader(samples, TinyExtractor(), 4, 0, shuffle=True, drop_last=True, generator=generator)
         losses = []
-        with legacy.legacy_matching() if old else contextlib.nullcontext():
-            for _ in range(2):
-                pool.refresh(generator)
-                losses.append(train_one_epoch(trainer, pool.extractor, loader, pool, False, generator,
-                                              torch.device("cpu"), desc="test"))
+        for _ in range(2):
+            pool.refresh(generator)
+            losses.append(train_one_epoch(trainer, pool.extractor, loader, pool, False, generator,
+                                          torch.device("cpu"), desc="test"))
         return losses, [p.detach().clone() for p in model.parameters()]
 
     new_losses, new_params = run(False)
@@ -179,7 +182,7 @@ def _no_backbone(*args, **kwargs):
 def test_extract_ref_features_checks_paths_before_the_backbone(tmp_path, monkeypatch):
     import extract_ref_features
 
-    monkeypatch.setattr(extract_ref_features, "build_extractor_from_args", _no_backbone)
+    monkeypatch.setattr(BackboneConfig, "build", _no_backbone)
     with pytest.raises(UserError, match="few-shot folder"):
         extract_ref_features.main(["--dataset", "mvtec", "--few_shot_dir", str(tmp_path / "typo"),
                                    "--save_dir", str(tmp_path / "out")])
@@ -189,23 +192,22 @@ def test_extract_ref_features_checks_paths_before_the_backbone(tmp_path, monkeyp
 
 def test_fit_checks_reference_features_before_the_backbone(tmp_path, monkeypatch):
     from datasets import generate_demo_dataset
-    from tests.test_engine import make_args
-    import utils.engine as engine
+    from tests.run_helpers import fit, make_args
 
     root = generate_demo_dataset(str(tmp_path / "demo"), n_train=2, n_test_good=1, n_test_anomalous=1)
-    monkeypatch.setattr(engine, "build_extractor_from_args", _no_backbone)
+    monkeypatch.setattr(BackboneConfig, "build", _no_backbone)
     args = make_args(setting="demo", train_dataset_dir=root, test_dataset_dir=root, batch_size=2,
                      train_ref_shot=1, test_ref_feature_dir=str(tmp_path / "typo"),
                      checkpoint_path=str(tmp_path / "ckpt"))
     with pytest.raises(UserError, match="--test_ref_feature_dir .*folder not found"):
-        engine.fit(args, [1], {1: "demo"})
+        fit(args, [1], {1: "demo"})
 
 
 def test_empty_dataset_flag_is_named():
-    from datasets import test_samples
+    from datasets import evaluation_samples
 
     with pytest.raises(UserError, match="^--test_dataset_dir is empty"):
-        test_samples("mvtec", "", "bottle")
+        evaluation_samples("mvtec", "", "bottle")
 
 
 def test_download_without_result_fails(tmp_path, monkeypatch):
@@ -221,23 +223,20 @@ def test_download_without_result_fails(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- evaluation fast paths
 
-def test_evaluation_scores_equal_the_previous_implementation(monkeypatch):
+def test_evaluation_scores_equal_the_previous_implementation():
     """Tiled matching, the reused VQ buffer, numpy's value sort in EFDM and the cached flow position
     tables give bit-identical per-level maps to the implementation before them, for several k."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import legacy
-    import models.resad as resad
-
-    model = ResAD([6, 10], num_embeddings=32, coupling_layers=2, pos_embed_dim=16).eval()
+    # many row blocks and column tiles, several flow chunks per image
+    model = ResAD([6, 10], ModelConfig(num_embeddings=32, coupling_layers=2, pos_embed_dim=16),
+                  matcher=Matcher(tiles={"cpu": (50 * 40, 40)}), inference_chunk={"cpu": 100}).eval()
     # ReLU-like features: many exact zeros, so residuals and EFDM sorts have ties
     features = [torch.randn(3, 6, 12, 12).relu(), torch.randn(3, 10, 6, 6).relu()]
-    bank = residual.ReferenceBank.from_features([torch.randn(4, 6, 12, 12).relu(), torch.randn(4, 10, 6, 6).relu()])
-    monkeypatch.setitem(residual.MATCH_TILE, "cpu", (50 * 40, 40))   # many row blocks and column tiles
-    monkeypatch.setitem(resad.INFERENCE_CHUNK, "cpu", 100)            # several flow chunks per image
+    bank = matching.ReferenceBank.from_features([torch.randn(4, 6, 12, 12).relu(), torch.randn(4, 10, 6, 6).relu()])
     with torch.inference_mode():
         new = model.forward_shots(features, bank, [1, 3, 4])
-        with legacy.legacy_matching():
-            old = model.forward_shots(features, bank, [1, 3, 4])
+        old = legacy.legacy_copy(model).forward_shots(features, bank, [1, 3, 4])
     for k in (1, 3, 4):
         for a, b in zip(new[k][0] + new[k][1], old[k][0] + old[k][1]):
             assert torch.equal(a, b)
@@ -271,4 +270,4 @@ def test_cached_position_table_follows_weight_updates():
 def test_numpy_value_sort_equals_torch_sort_with_ties():
     values = torch.randint(-3, 4, (5, 7, 300)).float() * 0.5
     values[0, 0, :10] = -0.0
-    assert torch.equal(residual._sorted_values(values), values.sort(dim=-1).values)
+    assert torch.equal(_sorted_values(values), values.sort(dim=-1).values)

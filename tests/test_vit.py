@@ -17,11 +17,12 @@ from timm.models.vision_transformer import VisionTransformer
 from datasets import DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import (OFFLINE_BACKBONE, ViTExtractor, build_extractor, evenly_spaced_blocks)
 from models.imagebind import IMAGEBIND_URL, imagebind_to_timm, imagebind_vit, load_imagebind_weights
-from utils.engine import _check_resume, fit
+from tests.run_helpers import fit
+from utils.formats import checkpoint
+from utils.formats.reference_features import load_bank as load_reference_bank
 from utils.errors import UserError
-from utils.io import load_reference_bank
-from utils.options import add_training_arguments
-from utils.references import extract_reference_features
+from utils.cli.options import Parser, add_training_arguments
+from utils.run.extraction import extract_reference_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEADS, DEPTH, PATCH, SIZE, EMBED = 64, 4, 2, 14, 56, 16
@@ -222,7 +223,7 @@ def test_timm_vit_end_to_end(vit_weights, tmp_path, capsys):
     with pytest.raises(UserError, match="extracted with --backbone vit_tiny"):  # ... and of another backbone
         load_reference_bank(str(refs), DEMO_UNSEEN[0], dict(extractor.describe(), backbone="imagebind_huge"), 2)
 
-    args = add_training_arguments(argparse.ArgumentParser()).parse_args([])
+    args = add_training_arguments(Parser()).parse_args([])
     vars(args).update(setting="demo", train_dataset_dir=root, test_dataset_dir=root, test_ref_feature_dir=str(refs),
                       backbone=VIT, backbone_weights=vit_weights, feature_blocks=[2, 5], num_ref_shot=2,
                       train_ref_shot=2, train_ref_pool=2, epochs=1, stage1_epochs=1, batch_size=8,
@@ -235,12 +236,12 @@ def test_timm_vit_end_to_end(vit_weights, tmp_path, capsys):
     assert np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
     assert tables[2].iloc[-1]["Pixel AUC"] == pytest.approx(frame.iloc[-1]["Pixel AUC"], abs=1e-4)
     latest = torch.load(tmp_path / "runs" / "vit" / "vit_latest.pth", weights_only=False)
-    assert latest["layers"] == [2, 5] and latest["channels"] == [192, 192]
+    assert latest["trained_on"]["layers"] == [2, 5] and latest["trained_on"]["channels"] == [192, 192]
     assert len(latest["trainer"]["boundaries"]["values"]) == 2
     # resuming with other blocks is refused
     other = SimpleNamespace(name=VIT, channels=[192, 192], layers=[3, 5])
     with pytest.raises(UserError, match="layers \\[2, 5\\].*--feature_blocks"):
-        _check_resume(latest, args, other, "vit_latest.pth")
+        checkpoint.check_resume(latest, "vit_latest.pth", "demo", other, checkpoint.model_config(latest))
     # main_ib.py on the same data: the ImageBind weights file is checked before anything is built
     from main_ib import main as main_ib
     from utils.errors import run_cli

@@ -17,10 +17,9 @@ upgraded on load.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
 
 from datasets import Setting, get_setting
-from models.extractor import FeatureExtractor
+from models.extractor import FeatureExtractor, backbone_mismatch, is_vit
 from models.resad import ModelConfig
 from utils.errors import UserError
 from utils.safe_load import load_weights_only, save_weights_only
@@ -83,13 +82,62 @@ def model_config(state: dict) -> ModelConfig:
     return ModelConfig.from_dict(state.get("model_config", {}))
 
 
-def backbone_mismatch(record: dict, extractor: FeatureExtractor) -> Optional[str]:
-    """How the backbone ``record`` (a ``trained_on`` or a reference ``meta.json``) differs from
-    ``extractor``: "backbone", "layers" or "channels", or None when it fits."""
-    if record.get("backbone") and record["backbone"] != extractor.name:
-        return "backbone"
-    if record.get("layers") is not None and list(record["layers"]) != list(extractor.layers):
-        return "layers"
-    if record.get("channels") and list(record["channels"]) != list(extractor.channels):
-        return "channels"
-    return None
+def check_resume(state: dict, path: str, setting: str, extractor: FeatureExtractor, config: ModelConfig) -> None:
+    """UserError unless the checkpoint ``state`` continues this run: same setting, backbone and layers,
+    and the same model options (every differing option named in one line)."""
+    if state.get("format") not in READABLE_FORMATS:
+        raise UserError(f"--resume {path}: not a training checkpoint of this project; give a *_latest.pth")
+    trained = state.get("trained_on", {})
+    if trained.get("setting") != setting:
+        raise UserError(f"--resume {path}: the checkpoint is for --setting {trained.get('setting')}, "
+                        f"this run is {setting}; pass the matching checkpoint or setting")
+    built = {"backbone": extractor.name, "channels": extractor.channels, "layers": extractor.layers}
+    differs = backbone_mismatch(trained, built, ("backbone", "channels", "layers"))
+    if differs in ("backbone", "channels"):
+        raise UserError(f"--resume {path}: the checkpoint was trained with --backbone {trained.get('backbone')}, "
+                        f"this run uses {extractor.name}; pass the same --backbone")
+    if differs == "layers":
+        raise UserError(f"--resume {path}: the checkpoint was trained on the backbone's layers {trained['layers']}, "
+                        f"this run uses {extractor.layers}; pass the same --feature_levels / --feature_blocks")
+    changed = model_config(state).differences(config)
+    if changed:
+        listed = ", ".join(f"--{name} {saved} (this run {now})" for name, (saved, now) in changed.items())
+        raise UserError(f"--resume {path}: the checkpoint has other model options: {listed}; "
+                        "use the checkpoint's options")
+
+
+def check_target(state: dict, path: str, setting: Setting) -> dict:
+    """The ``trained_on`` record of a checkpoint to evaluate on ``setting``; UserError unless it was trained
+    on the setting's source dataset and seen classes, none of them among the setting's unseen ones."""
+    if state.get("format") not in READABLE_FORMATS or "model" not in state or "trained_on" not in state:
+        raise UserError(f"--checkpoint {path}: not a checkpoint of this project; give a *_latest.pth or *_best.pth")
+    trained = state["trained_on"]
+    held = (f"the checkpoint holds a model trained on {trained['source']} ({len(trained['seen_classes'])} seen "
+            f"classes, --setting {trained['setting']}, --backbone {trained['backbone']})")
+    if trained["source"] != setting.source or sorted(trained["seen_classes"]) != sorted(setting.seen_classes):
+        raise UserError(f"--checkpoint {path}: {held}, but --setting {setting.name} is trained on {setting.source} "
+                        f"({len(setting.seen_classes)} seen classes); pass a {trained['source']}_to_* setting "
+                        f"or a checkpoint trained on {setting.source}")
+    overlap = sorted(set(trained["seen_classes"]) & set(setting.unseen_classes)) \
+        if trained["source"] == setting.target else []
+    if overlap:
+        raise UserError(f"--checkpoint {path}: {held}; the classes {', '.join(overlap)} of --setting "
+                        f"{setting.name} were seen in training")
+    return trained
+
+
+def check_extractor(state: dict, path: str, extractor: FeatureExtractor) -> None:
+    """UserError unless ``extractor`` is the backbone the checkpoint's model was trained on."""
+    trained = state["trained_on"]
+    if backbone_mismatch(trained, {"backbone": extractor.name, "channels": extractor.channels}, ("backbone", "channels")):
+        raise UserError(f"--checkpoint {path}: holds a model trained with --backbone {trained['backbone']} "
+                        f"(channels {trained['channels']}), this run uses {extractor.name}; pass that --backbone")
+
+
+def backbone_of(state: dict):
+    """The backbone name and levels (``blocks`` of a ViT, else a number of CNN ``levels``) of a checkpoint."""
+    trained = state["trained_on"]
+    layers = trained.get("layers")
+    if not layers:
+        return trained["backbone"], {}
+    return trained["backbone"], (dict(blocks=tuple(layers)) if is_vit(trained["backbone"]) else dict(levels=len(layers)))

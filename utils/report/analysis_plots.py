@@ -7,7 +7,6 @@ Both read the ``<run>_epoch<E>_metrics.csv`` files the training scripts write
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -19,12 +18,12 @@ from matplotlib.transforms import ScaledTranslation  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils import io  # noqa: E402
+from utils.atomic import save_csv  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.formats.run_outputs import (class_rows, mean_row, metrics_csv_epochs, read_metrics_csv,  # noqa: E402
+                                       RunOutputs, shot_runs)
 from utils.metrics import METRIC_NAMES  # noqa: E402
-from utils.plots import _save  # noqa: E402
-
-SHOT_FOLDER = re.compile(r"^(?P<setting>.+)_(?P<k>\d+)shot$")
+from utils.report.plots import _save  # noqa: E402
 
 
 def warn(message: str) -> None:
@@ -39,39 +38,7 @@ def check_metrics(metrics: Sequence[str], flag: str = "--metrics") -> List[str]:
     return list(metrics)
 
 
-def epoch_csvs(folder: str, run: str) -> List[Tuple[int, str]]:
-    """(epoch, path) of every ``<run>_epoch<E>_metrics.csv`` in ``folder``, sorted by epoch NUMBER."""
-    pattern = re.compile(rf"^{re.escape(run)}_epoch(\d+)_metrics\.csv$")
-    found = [(int(m.group(1)), os.path.join(folder, name))
-             for name in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(name))]
-    return sorted(found)
-
-
-def read_metrics_csv(path: str, flag: str = "--csv") -> pd.DataFrame:
-    """A metrics CSV with its Mean row; UserError naming the file when it is not one."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: file not found; give a <run>_epoch<E>_metrics.csv written by main.py")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{flag} {path}: cannot read it as CSV ({type(err).__name__})") from None
-    if "Class Name" not in table.columns:
-        raise UserError(f"{flag} {path}: no 'Class Name' column; give a metrics CSV written by main.py")
-    table["Class Name"] = table["Class Name"].astype(str)
-    return table
-
-
 # --------------------------------------------------------------------------- metrics against shots
-
-def discover_runs(checkpoint_dir: str) -> dict:
-    """{setting: [k, ...]} of the ``<setting>_<k>shot`` folders under ``checkpoint_dir``."""
-    runs: dict = {}
-    for name in sorted(os.listdir(checkpoint_dir)):
-        match = SHOT_FOLDER.match(name)
-        if match and os.path.isdir(os.path.join(checkpoint_dir, name)):
-            runs.setdefault(match["setting"], []).append(int(match["k"]))
-    return {s: sorted(ks) for s, ks in runs.items()}
-
 
 def shot_sensitivity_table(checkpoint_dir: str, settings: Optional[Sequence[str]], shots: Optional[Sequence[int]],
                            metrics: Sequence[str], epoch: Optional[int] = None) -> pd.DataFrame:
@@ -82,48 +49,52 @@ def shot_sensitivity_table(checkpoint_dir: str, settings: Optional[Sequence[str]
     metrics = check_metrics(metrics)
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: folder not found")
-    found = discover_runs(checkpoint_dir)
+    found = shot_runs(checkpoint_dir)
     if not settings:
         settings = list(found)
         if not settings:
             raise UserError(f"--checkpoint_dir {checkpoint_dir}: no <setting>_<k>shot folders; "
                             "run main_extended_multi_shot.py first or point to its --checkpoint_path")
-    rows = []
-    for setting in settings:
-        for k in (shots or found.get(setting, [])):
-            run = f"{setting}_{k}shot"
-            folder = os.path.join(checkpoint_dir, run)
-            if not os.path.isdir(folder):
-                warn(f"{folder} not found: {setting} at {k} shots is left out")
-                continue
-            csvs = dict(epoch_csvs(folder, run))
-            if not csvs:
-                warn(f"no {run}_epoch<E>_metrics.csv in {folder}: {setting} at {k} shots is left out")
-                continue
-            chosen = max(csvs) if epoch is None else epoch
-            if chosen not in csvs:
-                warn(f"{os.path.join(folder, f'{run}_epoch{chosen}_metrics.csv')} not found (epochs there: "
-                     f"{', '.join(map(str, sorted(csvs)))}): {setting} at {k} shots is left out")
-                continue
-            table = read_metrics_csv(csvs[chosen], "--checkpoint_dir")
-            mean = table[table["Class Name"] == "Mean"]
-            if mean.empty:
-                warn(f"{csvs[chosen]} has no Mean row: left out")
-                continue
-            for metric in metrics:
-                if metric not in table.columns:
-                    warn(f"{csvs[chosen]} has no '{metric}' column: left out")
-                    continue
-                std_col = f"{metric} std"
-                rows.append({"setting": setting, "shots": int(k), "metric": metric,
-                             "value": float(mean[metric].iloc[0]),
-                             "std": float(mean[std_col].iloc[0]) if std_col in table.columns else np.nan,
-                             "epoch": chosen, "csv": csvs[chosen]})
+    rows = [row for setting in settings for k in (shots or found.get(setting, []))
+            for row in _shot_rows(checkpoint_dir, setting, k, metrics, epoch)]
     frame = pd.DataFrame(rows, columns=["setting", "shots", "metric", "value", "std", "epoch", "csv"])
     if frame.empty or not np.isfinite(frame["value"]).any():
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: nothing to plot for --setting "
                         f"{' '.join(settings)}; check the setting names, --shots and --epoch")
     return frame.sort_values(["setting", "metric", "shots"], kind="stable").reset_index(drop=True)
+
+
+def _shot_rows(checkpoint_dir: str, setting: str, k: int, metrics: Sequence[str], epoch: Optional[int]) -> List[dict]:
+    """The plotted rows of one ``<setting>_<k>shot`` run; a warning naming what is missing, and none, otherwise."""
+    outputs = RunOutputs(os.path.join(checkpoint_dir, f"{setting}_{k}shot"), f"{setting}_{k}shot")
+    if not os.path.isdir(outputs.folder):
+        warn(f"{outputs.folder} not found: {setting} at {k} shots is left out")
+        return []
+    csvs = dict(metrics_csv_epochs(outputs.folder, outputs.name))
+    if not csvs:
+        warn(f"no {outputs.name}_epoch<E>_metrics.csv in {outputs.folder}: {setting} at {k} shots is left out")
+        return []
+    chosen = max(csvs) if epoch is None else epoch
+    if chosen not in csvs:
+        warn(f"{outputs.metrics_csv(chosen)} not found (epochs there: {', '.join(map(str, sorted(csvs)))}): "
+             f"{setting} at {k} shots is left out")
+        return []
+    table = read_metrics_csv(csvs[chosen], "--checkpoint_dir")
+    try:
+        mean = mean_row(table)
+    except ValueError:
+        warn(f"{csvs[chosen]} has no Mean row: left out")
+        return []
+    rows = []
+    for metric in metrics:
+        if metric not in table.columns:
+            warn(f"{csvs[chosen]} has no '{metric}' column: left out")
+            continue
+        std_col = f"{metric} std"
+        rows.append({"setting": setting, "shots": int(k), "metric": metric, "value": float(mean[metric]),
+                     "std": float(mean[std_col]) if std_col in table.columns else np.nan,
+                     "epoch": chosen, "csv": csvs[chosen]})
+    return rows
 
 
 def fitted_limits(low: float, high: float, ceiling: Optional[float] = 1.0, margin: float = 0.08) -> Tuple[float, float]:
@@ -161,7 +132,7 @@ def plot_shot_sensitivity(frame: pd.DataFrame, out: str, title: Optional[str] = 
     ax.legend(fontsize=8, loc="best")
     _save(fig, out)
     table_path = os.path.splitext(out)[0] + ".csv"
-    io.save_csv(table_path, frame)
+    save_csv(table_path, frame)
     return table_path
 
 
@@ -170,10 +141,12 @@ def plot_shot_sensitivity(frame: pd.DataFrame, out: str, title: Optional[str] = 
 def _class_rows(table: pd.DataFrame, metric: str, flag: str) -> Tuple[pd.DataFrame, float]:
     if metric not in table.columns:
         raise UserError(f"{flag}: no '{metric}' column (columns: {', '.join(table.columns[1:])}); choose --metric")
-    classes = table[table["Class Name"] != "Mean"][["Class Name", metric]].copy()
+    classes = class_rows(table)[["Class Name", metric]].copy()
     classes[metric] = pd.to_numeric(classes[metric], errors="coerce")
-    mean_rows = table[table["Class Name"] == "Mean"]
-    mean = float(mean_rows[metric].iloc[0]) if not mean_rows.empty else float(np.nanmean(classes[metric]))
+    try:
+        mean = float(mean_row(table)[metric])
+    except ValueError:  # no Mean row: the mean of the classes
+        mean = float(np.nanmean(classes[metric]))
     return classes, mean
 
 
@@ -191,51 +164,73 @@ def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, t
     classes = classes.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
     worst = set(classes["Class Name"].iloc[len(classes) - min(top_k, len(classes)):]) if top_k > 0 else set()
     names = classes["Class Name"].tolist()
-    values = classes[metric].to_numpy(dtype=float)
     y = np.arange(len(names))[::-1]  # best at the top
     height = max(2.8, 0.38 * len(names) + 1.4)
     if compare is None:
         fig, ax = plt.subplots(figsize=(7.0, height))
-        colors = ["tab:red" if n in worst else "tab:blue" for n in names]
-        bars = ax.barh(y, values, color=colors)
-        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)
-        ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"Mean {mean:.3f}")
-        low, high = min(values.min(), mean), max(values.max(), mean)
+        low, high = _single_bars(ax, classes[metric].to_numpy(dtype=float), y, mean, names, worst)
         result = classes.assign(worst=[n in worst for n in names])
     else:
-        other, other_mean = _class_rows(compare, metric, "--compare")
-        other = other.set_index("Class Name")[metric]
-        missing = [n for n in names if n not in other.index]
-        if missing:
-            warn(f"--compare: no row for {', '.join(missing)}; drawn for the first run only")
-        second = np.array([other.get(n, np.nan) for n in names], dtype=float)
         fig, (ax, diff_ax) = plt.subplots(1, 2, figsize=(11.0, height), sharey=True,
                                           gridspec_kw={"width_ratios": [2.2, 1]})
-        h = 0.4
-        first_bars = ax.barh(y + h / 2, values, height=h, color="tab:blue", label=labels[0])
-        second_bars = ax.barh(y - h / 2, np.nan_to_num(second, nan=0.0), height=h, color="tab:orange", label=labels[1])
-        ax.bar_label(first_bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=7)
-        ax.bar_label(second_bars, labels=["" if not np.isfinite(v) else f"{v:.3f}" for v in second], padding=2,
-                     fontsize=7)
-        ax.axvline(mean, color="tab:blue", linestyle="--", linewidth=1, label=f"{labels[0]} Mean {mean:.3f}")
-        ax.axvline(other_mean, color="tab:orange", linestyle="--", linewidth=1,
-                   label=f"{labels[1]} Mean {other_mean:.3f}")
-        finite = second[np.isfinite(second)]
-        low = min(values.min(), mean, other_mean, *(finite.tolist() or [values.min()]))
-        high = max(values.max(), mean, other_mean, *(finite.tolist() or [values.max()]))
-        delta = second - values
-        diff_bars = diff_ax.barh(y, np.nan_to_num(delta, nan=0.0),
-                                 color=["tab:green" if d >= 0 else "tab:red" for d in np.nan_to_num(delta)])
-        diff_ax.bar_label(diff_bars, labels=["n/a" if not np.isfinite(d) else f"{d:+.3f}" for d in delta],
-                          padding=2, fontsize=7)
-        diff_ax.axvline(0, color="black", linewidth=0.8)
-        reach = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.01
-        diff_ax.set_xlim(-1.8 * reach - 1e-3, 1.8 * reach + 1e-3)  # room for the "+0.000" labels
-        diff_ax.set_xlabel(f"{metric}: {labels[1]} - {labels[0]}")
-        diff_ax.grid(axis="x", alpha=0.3)
-        result = classes.assign(**{f"{metric} ({labels[1]})": second, "difference": delta,
+        second, other_mean = _compared_values(compare, metric, names)
+        low, high = _compared_bars(ax, diff_ax, classes[metric].to_numpy(dtype=float), second, y, (mean, other_mean),
+                                   labels, metric)
+        result = classes.assign(**{f"{metric} ({labels[1]})": second,
+                                   "difference": second - classes[metric].to_numpy(dtype=float),
                                    "worst": [n in worst for n in names]})
-    left, right = fitted_limits(low, high, ceiling=None, margin=0.15)
+    _finish_classwise(fig, ax, (low, high), y, names, worst, metric, compare is not None,
+                      title or f"{metric} per class (worst {min(top_k, len(names))} in red)")
+    _save(fig, out)
+    return result
+
+
+def _single_bars(ax, values: np.ndarray, y: np.ndarray, mean: float, names: Sequence[str], worst: set):
+    bars = ax.barh(y, values, color=["tab:red" if n in worst else "tab:blue" for n in names])
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"Mean {mean:.3f}")
+    return min(values.min(), mean), max(values.max(), mean)
+
+
+def _compared_values(compare: pd.DataFrame, metric: str, names: Sequence[str]) -> Tuple[np.ndarray, float]:
+    """The second run's value per class of the first (nan where it has none) and its mean."""
+    other, other_mean = _class_rows(compare, metric, "--compare")
+    other = other.set_index("Class Name")[metric]
+    missing = [n for n in names if n not in other.index]
+    if missing:
+        warn(f"--compare: no row for {', '.join(missing)}; drawn for the first run only")
+    return np.array([other.get(n, np.nan) for n in names], dtype=float), other_mean
+
+
+def _compared_bars(ax, diff_ax, values: np.ndarray, second: np.ndarray, y: np.ndarray, means: Tuple[float, float],
+                   labels: Sequence[str], metric: str):
+    h = 0.4
+    first_bars = ax.barh(y + h / 2, values, height=h, color="tab:blue", label=labels[0])
+    second_bars = ax.barh(y - h / 2, np.nan_to_num(second, nan=0.0), height=h, color="tab:orange", label=labels[1])
+    ax.bar_label(first_bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=7)
+    ax.bar_label(second_bars, labels=["" if not np.isfinite(v) else f"{v:.3f}" for v in second], padding=2,
+                 fontsize=7)
+    for mean, label, color in zip(means, labels, ("tab:blue", "tab:orange")):
+        ax.axvline(mean, color=color, linestyle="--", linewidth=1, label=f"{label} Mean {mean:.3f}")
+    finite = second[np.isfinite(second)]
+    low = min(values.min(), *means, *(finite.tolist() or [values.min()]))
+    high = max(values.max(), *means, *(finite.tolist() or [values.max()]))
+    delta = second - values
+    diff_bars = diff_ax.barh(y, np.nan_to_num(delta, nan=0.0),
+                             color=["tab:green" if d >= 0 else "tab:red" for d in np.nan_to_num(delta)])
+    diff_ax.bar_label(diff_bars, labels=["n/a" if not np.isfinite(d) else f"{d:+.3f}" for d in delta],
+                      padding=2, fontsize=7)
+    diff_ax.axvline(0, color="black", linewidth=0.8)
+    reach = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.01
+    diff_ax.set_xlim(-1.8 * reach - 1e-3, 1.8 * reach + 1e-3)  # room for the "+0.000" labels
+    diff_ax.set_xlabel(f"{metric}: {labels[1]} - {labels[0]}")
+    diff_ax.grid(axis="x", alpha=0.3)
+    return low, high
+
+
+def _finish_classwise(fig, ax, span: Tuple[float, float], y: np.ndarray, names: Sequence[str], worst: set,
+                      metric: str, compared: bool, title: str) -> None:
+    left, right = fitted_limits(*span, ceiling=None, margin=0.15)
     ax.set_xlim(left, right + 0.12 * (right - left))  # room for the value labels
     ax.set_yticks(y, names)
     for tick, name in zip(ax.get_yticklabels(), names):
@@ -243,12 +238,10 @@ def plot_classwise(table: pd.DataFrame, metric: str, out: str, top_k: int = 3, t
             tick.set_color("tab:red")
     ax.set_xlabel(metric)
     ax.grid(axis="x", alpha=0.3)
-    if compare is None:
+    if not compared:
         ax.legend(fontsize=8, loc="lower right")
     else:
         # below the x label at any figure height: 0.5 inch under the axes, not a fraction of them
         below = ax.transAxes + ScaledTranslation(0, -0.5, fig.dpi_scale_trans)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=2)
-    ax.set_title(title or f"{metric} per class (worst {min(top_k, len(names))} in red)")
-    _save(fig, out)
-    return result
+    ax.set_title(title)

@@ -9,7 +9,6 @@ and the metadata of the reference features.  ``--resume`` appends an entry to
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import json
@@ -23,7 +22,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from datasets import Sample
-from utils import io
+from utils.atomic import save_json
+from utils.formats import reference_features
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "FrEIA": "FrEIA", "numpy": "numpy",
@@ -31,15 +31,15 @@ PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "FrE
 PLAIN = (str, int, float, bool, type(None))
 
 
-def plain_args(args: argparse.Namespace) -> dict:
-    """The arguments as a dict of plain values (anything else, e.g. a Path, as its string)."""
+def plain_values(arguments: dict) -> dict:
+    """``arguments`` as plain values (anything else, e.g. a Path, as its string)."""
     def plain(value):
         if isinstance(value, PLAIN):
             return value
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return str(value)
-    return {key: plain(value) for key, value in vars(args).items()}
+    return {key: plain(value) for key, value in arguments.items()}
 
 
 def git_state(folder: str = REPO_ROOT) -> dict:
@@ -107,22 +107,24 @@ def _environment(device) -> dict:
             "versions": package_versions(), "device": device_info(device)}
 
 
-def describe_run(args: argparse.Namespace, device, source: str, target: str,
+def describe_run(arguments: dict, seed: int, device, roots: Dict[str, str], ref_dir: str, source: str, target: str,
                  stage_samples: Dict[int, List[Sample]], test_sets: Dict[str, List[Sample]]) -> dict:
-    """Everything of a run's record except the number of reference shots (one record per shots)."""
-    ref_dir = args.test_ref_feature_dir
+    """Everything of a run's record except the number of reference shots (one record per shots).
+
+    ``arguments``: the run's arguments as plain values; ``roots``: the ``train`` and ``test`` dataset roots.
+    """
     return {
         "created": _environment(device),
-        "args": plain_args(args),
-        "seed": args.seed,
+        "args": dict(arguments),
+        "seed": seed,
         "datasets": {
-            "train": {"dataset": source, "root": os.path.abspath(args.train_dataset_dir),
+            "train": {"dataset": source, "root": os.path.abspath(roots["train"]),
                       "stage1": count_images(stage_samples[1]), "stage2": count_images(stage_samples[2])},
-            "test": {"dataset": target, "root": os.path.abspath(args.test_dataset_dir),
+            "test": {"dataset": target, "root": os.path.abspath(roots["test"]),
                      "test": count_images([s for samples in test_sets.values() for s in samples])},
         },
         "reference_features": {"dir": os.path.abspath(ref_dir),
-                               "classes": {c: io.read_reference_meta(ref_dir, c) for c in test_sets}},
+                               "classes": {c: reference_features.read_meta(ref_dir, c) for c in test_sets}},
     }
 
 
@@ -143,7 +145,7 @@ def write_run_records(paths: Dict[int, str], description: dict,
                        if record.get("args", {}).get(k) != v}
             record.setdefault("resumes", []).append(dict(description["created"], checkpoint=os.path.abspath(resumed_from),
                                                          after_epoch=epoch, changed_args=changed))
-        io.save_json(path, record)
+        save_json(path, record)
 
 
 def _read(path: str) -> Optional[dict]:

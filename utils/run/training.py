@@ -1,12 +1,12 @@
-"""Training: the reference pool of the seen classes, the per-batch step and one epoch.
+"""Training: the per-batch step and one epoch (docs/method.md §3, §4).
 
 :class:`Trainer` holds the three optimizers (VQ, constraintor, flows), their
 schedulers and the BG-SPP boundary averages; :func:`train_one_epoch` runs it
-over a loader.  The whole run (epochs, evaluation, files) is :func:`utils.engine.fit`.
+over a loader.  The whole run (epochs, evaluation, files) is
+:class:`utils.run.train_run.TrainingRun`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import Sample
 from models.extractor import FeatureExtractor
 from models.flow import grid_coordinates
 from models.losses import BoundaryAverager, flow_loss, normal_boundary, occ_loss
-from models.residual import ReferenceBank, flatten_positions
+from models.positions import flatten_positions
 from models.resad import ResAD
 from utils.errors import UserError
-from utils.loaders import make_loader
+from utils.run.config import TrainConfig
+from utils.run.reference_pool import TrainReferencePool
+from utils.stages import stage, staged
 
 FLOW_MINIBATCH = 8192
 LR_MILESTONES = (70, 90)
@@ -35,74 +36,6 @@ def level_masks(masks: torch.Tensor, features: Sequence[torch.Tensor]) -> List[t
     """Nearest-neighbour down-sampling of (B, 1, S, S) masks to each level: (B, H_l, W_l)."""
     return [F.interpolate(masks, size=f.shape[-2:], mode="nearest").squeeze(1) for f in features]
 
-
-
-# --------------------------------------------------------------------------- training references
-
-class TrainReferencePool:
-    """Encoded features of a bounded pool of normal training images per seen class.
-
-    The authors re-read and re-encode k random images per class in every batch;
-    here ``pool_size`` images per class are drawn once per epoch (:meth:`refresh`)
-    and each batch draws its k references from the pool.  The extractor is frozen,
-    so an image's features never change: a refresh encodes only the images that
-    were not in the previous pool, and a training batch whose images are all in
-    the pool takes their features from it (:meth:`lookup`) instead of running the
-    backbone again.  Memory stays that of one pool.
-    """
-
-    def __init__(self, extractor: FeatureExtractor, normals: Dict[str, List[Sample]], pool_size: int,
-                 batch_size: int, num_workers: int, device: torch.device):
-        self.extractor, self.normals, self.pool_size = extractor, normals, pool_size
-        self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
-        self.features: Dict[str, List[torch.Tensor]] = {}
-        self._where: Dict[str, tuple] = {}  # image path -> (class, row in that class's pool tensors)
-        self.encoded_last_refresh = 0
-
-    def refresh(self, generator: torch.Generator) -> None:
-        chosen: Dict[str, List[Sample]] = {}
-        for name, samples in self.normals.items():
-            order = torch.randperm(len(samples), generator=generator)[: self.pool_size].tolist()
-            chosen[name] = [samples[i] for i in sorted(order)]
-        missing = list(dict.fromkeys(s.image for picks in chosen.values() for s in picks if s.image not in self._where))
-        by_path = {s.image: s for picks in chosen.values() for s in picks}
-        fresh: Dict[str, List[torch.Tensor]] = {}
-        if missing:
-            loader = make_loader([by_path[p] for p in missing], self.extractor, self.batch_size, self.num_workers)
-            encoded = [[] for _ in self.extractor.channels]
-            for batch in tqdm(loader, desc="reference pool", leave=False, dynamic_ncols=True):
-                for level, f in enumerate(self.extractor(batch["image"].to(self.device))):
-                    encoded[level].append(f)
-            encoded = [torch.cat(level) for level in encoded]
-            fresh = {path: [level[i] for level in encoded] for i, path in enumerate(missing)}
-
-        def image_features(path: str) -> List[torch.Tensor]:
-            if path in fresh:
-                return fresh[path]
-            name, row = self._where[path]
-            return [level[row] for level in self.features[name]]
-
-        features = {name: [torch.stack(level) for level in zip(*(image_features(s.image) for s in picks))]
-                    for name, picks in chosen.items()}
-        self.features = features
-        self._where = {s.image: (name, row) for name, picks in chosen.items() for row, s in enumerate(picks)}
-        self.encoded_last_refresh = len(missing)
-
-    def lookup(self, paths: Sequence[str]) -> Optional[List[torch.Tensor]]:
-        """Per-level features of these images from the pool, or None unless all of them are in it."""
-        if not self._where or any(p not in self._where for p in paths):
-            return None
-        places = [self._where[p] for p in paths]
-        return [torch.stack([self.features[name][level][row] for name, row in places])
-                for level in range(len(self.extractor.channels))]
-
-    def bank(self, class_name: str, shots: int, generator: torch.Generator) -> ReferenceBank:
-        levels = self.features[class_name]
-        pick = torch.randperm(levels[0].shape[0], generator=generator)[:shots].to(self.device)
-        return ReferenceBank.from_features([level[pick] for level in levels])
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for levels in self.features.values() for t in levels)
 
 
 # --------------------------------------------------------------------------- training
@@ -143,53 +76,70 @@ class StepGuard:
 class Trainer:
     """Optimizers, schedulers and boundary averages of one ResAD model."""
     model: ResAD
-    args: argparse.Namespace
+    config: TrainConfig
     guard: StepGuard = field(default_factory=StepGuard)
 
     def __post_init__(self):
-        a, m = self.args, self.model
-        adam = dict(lr=a.lr, weight_decay=5e-4)
+        m = self.model
+        adam = dict(lr=self.config.lr, weight_decay=5e-4)
         self.optimizers = {"vq": torch.optim.Adam(m.vq.parameters(), **adam),
                            "constraintor": torch.optim.Adam(m.constraintor.parameters(), **adam),
                            "flow": torch.optim.Adam(m.flows.parameters(), **adam)}
         self.schedulers = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=list(LR_MILESTONES), gamma=0.1)
                            for k, o in self.optimizers.items()}
         self.boundaries = BoundaryAverager(len(m.channels))
-        self.guard.max_consecutive = a.max_bad_steps
+        self.guard.max_consecutive = self.config.max_bad_steps
+
+    def _step(self, name: str, loss: torch.Tensor, optimizer: str) -> Optional[float]:
+        with stage(name):
+            return self.guard.step(loss, self.optimizers[optimizer])
 
     def train_step(self, features: List[torch.Tensor], residuals: List[torch.Tensor], masks: torch.Tensor,
                    stage2: bool, generator: torch.Generator) -> Dict[str, float]:
         """One batch: VQ loss, constraintor OCC loss, then the flows on the detached constrained residuals."""
-        m, args = self.model, self.args
+        m = self.model
         lvl_masks = level_masks(masks, features)
         losses = {}
-        losses["vq"] = self.guard.step(m.vq.loss(residuals, lvl_masks), self.optimizers["vq"])
-        constrained = m.constraintor(residuals)
-        occ = sum(occ_loss(flatten_positions(e), flatten_positions(r), lm.reshape(-1))
-                  for e, r, lm in zip(constrained, residuals, lvl_masks))
-        losses["occ"] = self.guard.step(occ, self.optimizers["constraintor"])
+        with stage("VQ loss"):
+            vq = m.vq.loss(residuals, lvl_masks)
+        losses["vq"] = self._step("vq backward + Adam", vq, "vq")
+        with stage("constraintor forward"):
+            constrained = m.constraintor(residuals)
+        with stage("OCC loss"):
+            occ = sum(occ_loss(flatten_positions(e), flatten_positions(r), lm.reshape(-1))
+                      for e, r, lm in zip(constrained, residuals, lvl_masks))
+        losses["occ"] = self._step("constraintor backward + Adam", occ, "constraintor")
         flow_values = []
         for level, (e, lm) in enumerate(zip(constrained, lvl_masks)):
-            b, _, h, w = e.shape
-            rows = flatten_positions(e.detach())
-            coords = grid_coordinates(h, w, rows.device).repeat(b, 1)
-            mask_rows = lm.reshape(-1)
-            # Every position is used: the last mini-batch may be smaller (the
-            # authors drop it, which leaves a 14x14 level untrained at batch 32).
-            for idx in torch.randperm(rows.shape[0], generator=generator).to(rows.device).split(FLOW_MINIBATCH):
-                logp, logp_a = m.flow_log_likelihoods(level, rows[idx], coords[idx])
+            flow_values += self._flow_level(level, e, lm, stage2, generator)
+        losses["flow"] = float(np.mean(flow_values)) if flow_values else None
+        return losses
+
+    def _flow_level(self, level: int, constrained: torch.Tensor, mask: torch.Tensor, stage2: bool,
+                    generator: torch.Generator) -> List[float]:
+        """The flow steps of one level over random mini-batches of its positions; their loss values."""
+        b, _, h, w = constrained.shape
+        rows = flatten_positions(constrained.detach())
+        coords = grid_coordinates(h, w, rows.device).repeat(b, 1)
+        mask_rows = mask.reshape(-1)
+        cfg, values = self.config, []
+        # Every position is used: the last mini-batch may be smaller (the authors drop it, which
+        # leaves a 14x14 level untrained at batch 32; docs/method.md §3.4).
+        for idx in torch.randperm(rows.shape[0], generator=generator).to(rows.device).split(FLOW_MINIBATCH):
+            with stage(f"flow L{level + 1} forward"):
+                logp, logp_a = self.model.flow_log_likelihoods(level, rows[idx], coords[idx])
+            with stage("flow losses"):
                 mb_mask = mask_rows[idx]
-                self.boundaries.update(level, normal_boundary(logp, mb_mask, args.pos_beta))
+                self.boundaries.update(level, normal_boundary(logp, mb_mask, cfg.pos_beta))
                 bounds = None
                 if stage2:
                     b_n = self.boundaries.get(level)
-                    bounds = (b_n, b_n - args.margin_tau)
-                value = self.guard.step(flow_loss(logp, logp_a, mb_mask, bounds, args.bgspp_lambda),
-                                        self.optimizers["flow"])
-                if value is not None:
-                    flow_values.append(value)
-        losses["flow"] = float(np.mean(flow_values)) if flow_values else None
-        return losses
+                    bounds = (b_n, b_n - cfg.margin_tau)
+                loss = flow_loss(logp, logp_a, mb_mask, bounds, cfg.bgspp_lambda)
+            value = self._step(f"flow L{level + 1} backward + Adam", loss, "flow")
+            if value is not None:
+                values.append(value)
+        return values
 
     def state_dict(self) -> dict:
         return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -220,10 +170,10 @@ def batch_residuals(model: ResAD, features: List[torch.Tensor], class_names: Seq
 
 def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataLoader, pool: TrainReferencePool,
                     stage2: bool, generator: torch.Generator, device: torch.device, desc: str) -> Dict[str, float]:
-    model, shots = trainer.model, trainer.args.train_ref_shot
+    model, shots = trainer.model, trainer.config.train_ref_shot
     model.train()
     totals: Dict[str, List[float]] = {"vq": [], "occ": [], "flow": []}
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(staged(loader, "loading"), total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
     for batch in bar:
         masks = batch["mask"].to(device, non_blocking=True)
         features = pool.lookup(batch["path"])

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.io import atomic_path  # noqa: E402
+from utils.atomic import atomic_path  # noqa: E402
 
 
 def _save(fig, path: str) -> None:

@@ -23,9 +23,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils import io  # noqa: E402
+from utils.atomic import atomic_path, check_writable  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluation import RunOutputs  # noqa: E402
+from utils.formats.run_outputs import RunOutputs, mean_row  # noqa: E402
 from utils.metrics import METRIC_NAMES  # noqa: E402
 
 LOSSES = ("vq", "occ", "flow")
@@ -42,7 +42,7 @@ def check_tensorboard(log_dir: Optional[str]) -> None:
     except ImportError:
         raise UserError(f"--tensorboard {log_dir}: the tensorboard package is not installed; "
                         "pip install tensorboard, or drop --tensorboard") from None
-    io.check_writable(log_dir, "--tensorboard")
+    check_writable(log_dir, "--tensorboard")
 
 
 class TrainingHistory:
@@ -50,7 +50,7 @@ class TrainingHistory:
 
     def __init__(self, out: RunOutputs, tensorboard_dir: Optional[str] = None, resume_epoch: int = 0):
         self.out = out
-        self.csv_path, self.png_path = out.path("_history.csv"), out.path("_history.png")
+        self.csv_path, self.png_path = out.history_csv(), out.history_png()
         self.rows: Dict[int, dict] = {}
         if resume_epoch:
             self._restore(resume_epoch)
@@ -72,9 +72,9 @@ class TrainingHistory:
                 if "epoch" in row and 0 < int(row["epoch"]) <= epoch:
                     self.rows[int(row["epoch"])] = {c: row.get(c, math.nan) for c in COLUMNS}
         for done, row in self.rows.items():  # an evaluation written just before the kill
-            metrics_csv = self.out.path(f"_epoch{done}_metrics.csv")
+            metrics_csv = self.out.metrics_csv(done)
             if all(pd.isna(row[m]) for m in METRIC_NAMES) and os.path.isfile(metrics_csv):
-                mean = pd.read_csv(metrics_csv).iloc[-1]
+                mean = mean_row(pd.read_csv(metrics_csv))
                 row.update({m: float(mean[m]) for m in METRIC_NAMES})
 
     def add_epoch(self, epoch: int, stage: int, losses: Dict[str, float], lr: float, seconds: float,
@@ -93,7 +93,7 @@ class TrainingHistory:
 
     def add_evaluation(self, epoch: int, table: pd.DataFrame, seconds: float) -> None:
         """Record the ``Mean`` row of the evaluation after ``epoch`` (a results table)."""
-        mean = table.iloc[-1]
+        mean = mean_row(table)
         row = self.rows.setdefault(epoch, dict({c: math.nan for c in COLUMNS}, epoch=epoch))
         row.update({m: float(mean[m]) for m in METRIC_NAMES}, eval_seconds=seconds)
         if self.writer is not None:
@@ -110,7 +110,7 @@ class TrainingHistory:
 
     def write(self) -> None:
         frame = self.frame()
-        with io.atomic_path(self.csv_path) as tmp:
+        with atomic_path(self.csv_path) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
         plot_history(frame, self.png_path, title=f"{self.out.name}: training history")
 
@@ -162,6 +162,6 @@ def plot_history(frame: pd.DataFrame, path: str, title: str = "training history"
         ax.set_xlabel("epoch")
     fig.suptitle(title + (" (dashed line: stage 2 starts)" if boundary is not None else ""))
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

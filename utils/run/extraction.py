@@ -1,4 +1,5 @@
-"""Reference features of the unseen classes: encode the few-shot images once and save them."""
+"""Reference features of the unseen classes: encode the few-shot images once and save them
+(the files: :mod:`utils.formats.reference_features`)."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,10 @@ from tqdm import tqdm
 
 from datasets import Sample
 from models.extractor import FeatureExtractor
-from utils import io
+from utils.atomic import ensure_dir
 from utils.errors import UserError
-from utils.loaders import make_loader
+from utils.formats import reference_features
+from utils.run.loaders import make_loader
 
 
 def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None,
@@ -20,10 +22,8 @@ def reference_files(dataset: str, few_shot_dir: str, shots: Optional[int] = None
     (cheap: scripts call it before building the backbone, so a typo costs no download)."""
     from datasets import dataset_classes, list_fewshot_images
 
-    if shots is not None and shots < 1:
-        raise UserError(f"--shots {shots}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    if (shots is not None and shots < 1) or batch_size < 1:
+        raise ValueError(f"shots ({shots}) and batch_size ({batch_size}) must be at least 1")
     if not few_shot_dir:
         raise UserError("--few_shot_dir is empty: give the folder of <class>/train/good reference images")
     available = dataset_classes(dataset, few_shot_dir, "--few_shot_dir")
@@ -45,7 +45,7 @@ def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, e
     """
     files = reference_files(dataset, few_shot_dir, shots, classes, batch_size)  # check all first
     names = list(files)
-    io.ensure_dir(save_dir, "--save_dir")
+    ensure_dir(save_dir, "--save_dir")
     written = {}
     device = next(extractor.parameters()).device
     for class_name in tqdm(names, desc=f"reference features ({dataset})", dynamic_ncols=True):
@@ -55,5 +55,5 @@ def extract_reference_features(dataset: str, few_shot_dir: str, save_dir: str, e
             for level, f in enumerate(extractor(batch["image"].to(device))):
                 levels[level].append(f.cpu())
         meta = dict(extractor.describe(), dataset=dataset, images=[os.path.abspath(p) for p in files[class_name]])
-        written[class_name] = io.save_reference_features(save_dir, class_name, [torch.cat(l) for l in levels], meta)
+        written[class_name] = reference_features.save(save_dir, class_name, [torch.cat(l) for l in levels], meta)
     return written

@@ -1,0 +1,160 @@
+"""Evaluation of the unseen classes: anomaly maps and metrics for every number of shots
+(docs/method.md §2.8, §5, §7); the result files are written by :mod:`utils.report.results`."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import AnomalyDataset, Sample
+from models.anomaly_map import anomaly_maps
+from models.extractor import FeatureExtractor
+from models.knn_baseline import KnnAccumulator
+from models.matching import ReferenceBank
+from models.resad import ResAD
+from utils.metrics import METRIC_NAMES, compute_metrics
+from utils.report.failures import f1_max_threshold, failure_cases
+from utils.run.config import EvalConfig
+from utils.run.loaders import make_loader
+from utils.stages import stage, staged
+
+
+@dataclass
+class ClassEvaluation:
+    metrics: Dict[str, float]            # mean over the reference groups (the only group when ref_groups is 1)
+    heatmaps: List[dict]                 # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range,
+                                         # role, score, threshold
+    group_metrics: List[Dict[str, float]] = field(default_factory=list)  # one per reference group
+    knn: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images (first k shots)
+
+
+def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[ReferenceBank]:
+    """The bank itself, then ``groups - 1`` seeded re-orderings of its shots, all different when possible.
+
+    Cutting a re-ordered bank to its first k shots is a random draw of k of the
+    references; the draws of different k in one group are nested.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    orders = [list(range(bank.num_shots))]
+    for _ in range(groups - 1):
+        for _attempt in range(100):  # a new order while there are new ones to draw
+            order = torch.randperm(bank.num_shots, generator=generator).tolist()
+            if order not in orders:
+                break
+        orders.append(order)
+    return [bank] + [bank.select_shots(order) for order in orders[1:]]
+
+
+@dataclass
+class _ClassScores:
+    """What the test images of one class leave after scoring: per (group, k) and level the logp and
+    abnormal-probability maps, the labels and masks, and the kNN distances."""
+    maps: Dict[Tuple[int, int], Tuple[List[List[torch.Tensor]], List[List[torch.Tensor]]]]
+    labels: np.ndarray
+    masks: np.ndarray
+    knn: Optional[KnnAccumulator]
+
+
+@torch.inference_mode()
+def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
+             banks: Dict[str, ReferenceBank], config: EvalConfig, device: torch.device, num_workers: int = 0,
+             seed: int = 0, num_heatmaps: int = 0,
+             knn_cache: Optional[dict] = None) -> Dict[int, Dict[str, ClassEvaluation]]:
+    """Evaluate every unseen class for every number of shots of ``config.shots``.
+
+    Per batch the features are extracted once and matched once per reference group
+    against the largest bank (:meth:`ResAD.forward_shots`); each k reads its nearest
+    references off that matching.  With ``config.ref_groups`` N > 1 every k is evaluated
+    with N draws of its references seeded by ``seed`` (mean and std).  With ``knn_cache``
+    (a dict, kept by the caller across evaluations: the backbone is frozen) the kNN
+    baseline's metrics are computed once per (shots, class), on the first k shots.
+    """
+    model.eval()
+    results: Dict[int, Dict[str, ClassEvaluation]] = {k: {} for k in config.shots}
+    for class_name, samples in test_sets.items():
+        group_banks = reference_groups(banks[class_name], config.ref_groups, seed)
+        knn_shots = [k for k in config.shots if (k, class_name) not in knn_cache] if knn_cache is not None else None
+        scores = _score_class(model, extractor, class_name, samples, group_banks, config, device, num_workers,
+                              knn_shots)
+        for k in config.shots:
+            results[k][class_name] = _class_result(scores, k, class_name, samples, extractor, config,
+                                                   num_heatmaps, knn_cache)
+    return results
+
+
+def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, samples: Sequence[Sample],
+                 group_banks: Sequence[ReferenceBank], config: EvalConfig, device: torch.device, num_workers: int,
+                 knn_shots: Optional[Sequence[int]]) -> _ClassScores:
+    levels = range(len(model.channels))
+    maps = {(g, k): ([[] for _ in levels], [[] for _ in levels])
+            for g in range(len(group_banks)) for k in config.shots}
+    labels, masks = [], []
+    knn = KnnAccumulator(knn_shots) if knn_shots is not None else None
+    knn_banks = {k: group_banks[0].take(k) for k in knn.levels} if knn is not None else {}
+    loader = make_loader(samples, extractor, config.batch_size, num_workers)
+    for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"eval {class_name}",
+                      leave=False, dynamic_ncols=True):
+        features = extractor(batch["image"].to(device, non_blocking=True))
+        if knn is not None:
+            knn.add(features, knn_banks)
+        for g, bank in enumerate(group_banks):
+            for k, (logps, probs) in model.forward_shots(features, bank, config.shots).items():
+                for level in levels:
+                    maps[g, k][0][level].append(logps[level])
+                    maps[g, k][1][level].append(probs[level])
+        labels.append(batch["label"].numpy())
+        masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
+    return _ClassScores(maps, np.concatenate(labels), np.concatenate(masks), knn)
+
+
+def _class_result(scores: _ClassScores, k: int, class_name: str, samples: Sequence[Sample],
+                  extractor: FeatureExtractor, config: EvalConfig, num_heatmaps: int,
+                  knn_cache: Optional[dict]) -> ClassEvaluation:
+    """The metrics of one class at k shots (mean over the reference groups), its heat-maps and its kNN row."""
+    groups, heat = [], []
+    for g in range(config.ref_groups):
+        logps, probs = scores.maps.pop((g, k))
+        with stage("anomaly maps"):
+            maps = anomaly_maps([torch.cat(level) for level in logps], [torch.cat(level) for level in probs],
+                                size=extractor.image_size, sigma=config.smooth_sigma).numpy()
+        groups.append(_metrics(maps, scores, config))
+        if g == 0 and num_heatmaps:
+            heat = _failure_heatmaps(samples, maps, scores.labels, scores.masks, extractor, num_heatmaps)
+        del maps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {m: float(np.nanmean([grp[m] for grp in groups])) for m in METRIC_NAMES}
+    if scores.knn is not None and k in scores.knn.levels:
+        knn_maps = scores.knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
+        knn_cache[(k, class_name)] = _metrics(knn_maps, scores, config)
+    return ClassEvaluation(mean, heat, groups, knn=knn_cache.get((k, class_name)) if knn_cache is not None else None)
+
+
+def _metrics(maps: np.ndarray, scores: _ClassScores, config: EvalConfig) -> Dict[str, float]:
+    with stage("metrics (incl. AUPRO)"):
+        return compute_metrics(maps, scores.labels, scores.masks, compute_aupro=config.aupro)
+
+
+def _failure_heatmaps(samples: Sequence[Sample], maps: np.ndarray, labels: np.ndarray, masks: np.ndarray,
+                      extractor: FeatureExtractor, count: int) -> List[dict]:
+    """The worst miss, worst false alarm and top anomalous image of a class (images re-read from disk)."""
+    scores = maps.max(axis=(1, 2))
+    threshold = f1_max_threshold(labels, scores)
+    chosen = failure_cases(labels, scores, count)
+    dataset = AnomalyDataset([samples[i] for i, _ in chosen], image_size=extractor.image_size,
+                             mean=extractor.mean, std=extractor.std)
+    value_range = (float(maps.min()), float(maps.max()))
+    return [dict(image=_denormalize(dataset[j]["image"], extractor), mask=masks[i], map=maps[i].copy(),
+                 label=int(labels[i]), path=samples[i].image, value_range=value_range, role=role,
+                 score=float(scores[i]), threshold=threshold)
+            for j, (i, role) in enumerate(chosen)]
+
+
+def _denormalize(image: torch.Tensor, extractor: FeatureExtractor) -> np.ndarray:
+    mean = torch.tensor(extractor.mean).view(3, 1, 1)
+    std = torch.tensor(extractor.std).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()

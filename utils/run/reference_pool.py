@@ -1,0 +1,85 @@
+"""The training references: encoded features of a bounded pool of normal images per seen class
+(docs/method.md §3.2)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from datasets import Sample
+from models.extractor import FeatureExtractor
+from models.matching import ReferenceBank
+from utils.run.loaders import make_loader
+from utils.stages import stage
+
+
+class TrainReferencePool:
+    """Encoded features of a bounded pool of normal training images per seen class.
+
+    The authors re-read and re-encode k random images per class in every batch;
+    here ``pool_size`` images per class are drawn once per epoch (:meth:`refresh`)
+    and each batch draws its k references from the pool.  The extractor is frozen,
+    so an image's features never change: a refresh encodes only the images that
+    were not in the previous pool, and a training batch whose images are all in
+    the pool takes their features from it (:meth:`lookup`) instead of running the
+    backbone again.  Memory stays that of one pool.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, normals: Dict[str, List[Sample]], pool_size: int,
+                 batch_size: int, num_workers: int, device: torch.device):
+        self.extractor, self.normals, self.pool_size = extractor, normals, pool_size
+        self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
+        self.features: Dict[str, List[torch.Tensor]] = {}
+        self._where: Dict[str, tuple] = {}  # image path -> (class, row in that class's pool tensors)
+        self.encoded_last_refresh = 0
+
+    def refresh(self, generator: torch.Generator) -> None:
+        """Draw this epoch's pool and encode the images that were not in the previous one."""
+        with stage("reference pool refresh"):
+            self._refresh(generator)
+
+    def _refresh(self, generator: torch.Generator) -> None:
+        chosen: Dict[str, List[Sample]] = {}
+        for name, samples in self.normals.items():
+            order = torch.randperm(len(samples), generator=generator)[: self.pool_size].tolist()
+            chosen[name] = [samples[i] for i in sorted(order)]
+        missing = list(dict.fromkeys(s.image for picks in chosen.values() for s in picks if s.image not in self._where))
+        by_path = {s.image: s for picks in chosen.values() for s in picks}
+        fresh: Dict[str, List[torch.Tensor]] = {}
+        if missing:
+            loader = make_loader([by_path[p] for p in missing], self.extractor, self.batch_size, self.num_workers)
+            encoded = [[] for _ in self.extractor.channels]
+            for batch in tqdm(loader, desc="reference pool", leave=False, dynamic_ncols=True):
+                for level, f in enumerate(self.extractor(batch["image"].to(self.device))):
+                    encoded[level].append(f)
+            encoded = [torch.cat(level) for level in encoded]
+            fresh = {path: [level[i] for level in encoded] for i, path in enumerate(missing)}
+
+        def image_features(path: str) -> List[torch.Tensor]:
+            if path in fresh:
+                return fresh[path]
+            name, row = self._where[path]
+            return [level[row] for level in self.features[name]]
+
+        features = {name: [torch.stack(level) for level in zip(*(image_features(s.image) for s in picks))]
+                    for name, picks in chosen.items()}
+        self.features = features
+        self._where = {s.image: (name, row) for name, picks in chosen.items() for row, s in enumerate(picks)}
+        self.encoded_last_refresh = len(missing)
+
+    def lookup(self, paths: Sequence[str]) -> Optional[List[torch.Tensor]]:
+        """Per-level features of these images from the pool, or None unless all of them are in it."""
+        if not self._where or any(p not in self._where for p in paths):
+            return None
+        places = [self._where[p] for p in paths]
+        return [torch.stack([self.features[name][level][row] for name, row in places])
+                for level in range(len(self.extractor.channels))]
+
+    def bank(self, class_name: str, shots: int, generator: torch.Generator) -> ReferenceBank:
+        levels = self.features[class_name]
+        pick = torch.randperm(levels[0].shape[0], generator=generator)[:shots].to(self.device)
+        return ReferenceBank.from_features([level[pick] for level in levels])
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for levels in self.features.values() for t in levels)
