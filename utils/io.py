@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name in its destination folder and then
 renamed over the final name, so an interrupted run never leaves a truncated
-CSV, JSON, checkpoint or feature file behind.
+CSV, JSON, checkpoint or feature file behind; a folder of files (a class of
+reference features, a prepared dataset split) is assembled the same way.
 """
 from __future__ import annotations
 
@@ -66,6 +67,29 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yield an empty temporary folder next to ``path``; when the block succeeds it takes the place of
+    ``path`` (a folder already there is moved aside first and deleted after), otherwise it is deleted
+    and ``path`` is left as it was."""
+    final = os.path.abspath(path)
+    parent, name = os.path.dirname(final), os.path.basename(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
+        previous = tempfile.mkdtemp(prefix=f".{name}.old.", dir=parent) if os.path.isdir(final) else None
+        if previous:
+            os.replace(final, os.path.join(previous, name))
+        os.replace(staging, final)
+        if previous:
+            shutil.rmtree(previous)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
 
 
 def _current_umask() -> int:
@@ -246,13 +270,12 @@ def save_reference_features(save_dir: str, class_name: str, features: Sequence[t
     SHA-256 of each layer file (checked by :func:`load_reference_bank`).
 
     ``features`` are per-level (k, C, H, W) maps of the k reference images.  The
-    class folder is assembled under a temporary name and renamed into place.
+    class folder is assembled under a temporary name and renamed into place (:func:`atomic_folder`).
     """
     bank = ReferenceBank.from_features(features)
     ensure_dir(save_dir, "--save_dir")
     final = os.path.join(save_dir, class_name)
-    staging = tempfile.mkdtemp(prefix=f".{class_name}.", dir=save_dir)
-    try:
+    with atomic_folder(final) as staging:
         digests = {}
         for level, rows in enumerate(bank.levels, start=1):
             name = f"layer{level}.npy"
@@ -260,12 +283,6 @@ def save_reference_features(save_dir: str, class_name: str, features: Sequence[t
             digests[name] = file_sha256(os.path.join(staging, name))
         with open(os.path.join(staging, REFERENCE_META), "w") as f:
             json.dump(dict(meta, class_name=class_name, num_shots=bank.num_shots, sha256=digests), f, indent=2)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
     return final
 
 
