@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name in its destination folder and then
 renamed over the final name, so an interrupted run never leaves a truncated
-CSV, JSON, checkpoint or feature file behind.
+CSV, JSON, checkpoint or feature file behind; a folder of files (a class of
+reference features, a prepared dataset split) is assembled the same way.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -57,6 +59,29 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yield an empty temporary folder next to ``path``; when the block succeeds it takes the place of
+    ``path`` (a folder already there is moved aside first and deleted after), otherwise it is deleted
+    and ``path`` is left as it was."""
+    final = os.path.abspath(path)
+    parent, name = os.path.dirname(final), os.path.basename(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
+        previous = tempfile.mkdtemp(prefix=f".{name}.old.", dir=parent) if os.path.isdir(final) else None
+        if previous:
+            os.replace(final, os.path.join(previous, name))
+        os.replace(staging, final)
+        if previous:
+            shutil.rmtree(previous)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
 
 
 def _current_umask() -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 
 from models.extractor import backbone_mismatch
 from models.matching import ReferenceBank
-from utils.atomic import ensure_dir, file_sha256
+from utils.atomic import atomic_folder, ensure_dir, file_sha256
 from utils.errors import UserError
 
 META = "meta.json"
@@ -34,8 +32,7 @@ def save(save_dir: str, class_name: str, features: Sequence[torch.Tensor], meta:
     bank = ReferenceBank.from_features(features)
     ensure_dir(save_dir, "--save_dir")
     final = os.path.join(save_dir, class_name)
-    staging = tempfile.mkdtemp(prefix=f".{class_name}.", dir=save_dir)
-    try:
+    with atomic_folder(final) as staging:
         digests = {}
         for level, rows in enumerate(bank.levels, start=1):
             name = f"layer{level}.npy"
@@ -43,12 +40,6 @@ def save(save_dir: str, class_name: str, features: Sequence[torch.Tensor], meta:
             digests[name] = file_sha256(os.path.join(staging, name))
         with open(os.path.join(staging, META), "w") as f:
             json.dump(dict(meta, class_name=class_name, num_shots=bank.num_shots, sha256=digests), f, indent=2)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
     return final
 
 
