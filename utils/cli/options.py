@@ -35,13 +35,17 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{match.group(1)} {match.group(2)}" if match else message)
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
+
+
 def at_least(minimum: int) -> Callable[[str], int]:
     """An int flag type that refuses values below ``minimum``."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
+        value = _whole_number(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
         return value
@@ -51,10 +55,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 def multiple_of_4(text: str) -> int:
     """A positive multiple of 4 (the positional encoding's dimension)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
+    value = _whole_number(text)
     if value < 4 or value % 4:
         raise argparse.ArgumentTypeError(f"{value}: must be a positive multiple of 4")
     return value
