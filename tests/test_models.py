@@ -308,3 +308,21 @@ def test_anomaly_maps_follow_the_spec():
     expected = (smooth(map1) + smooth(map2)) / 2
     got = anomaly_maps(logps, probs, size=size, sigma=4, chunk=2).numpy()
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_anomaly_maps_of_a_set_scored_in_parts_equal_the_whole():
+    """The set's statistics (per-level maximum logp, maximum normality) make parts score like the whole."""
+    from models.anomaly_map import map_statistics
+
+    torch.manual_seed(0)
+    logps = [torch.randn(10, 8, 8) * 3, torch.randn(10, 4, 4)]
+    probs = [torch.rand(10, 8, 8), torch.rand(10, 4, 4)]
+    whole = anomaly_maps(logps, probs, size=32, sigma=2.0, chunk=3)
+    parts = [slice(i, i + 3) for i in range(0, 10, 3)]
+    statistics = map_statistics([[lp[p] for lp in logps] for p in parts], size=32)
+    assert statistics.level_max == [float(lp.max()) for lp in logps]
+    pieces = torch.cat([anomaly_maps([lp[p] for lp in logps], [pr[p] for pr in probs], size=32, sigma=2.0,
+                                     statistics=statistics) for p in parts])
+    assert torch.equal(pieces, whole)
+    alone = anomaly_maps([lp[parts[0]] for lp in logps], [pr[parts[0]] for pr in probs], size=32, sigma=2.0)
+    assert not torch.equal(alone, whole[parts[0]])  # a part alone is normalised by its own maxima
