@@ -43,7 +43,7 @@ def demo(tmp_path_factory):
     return {"root": root, "refs": refs, "base": base}
 
 
-def run(script, *args, timeout=300):
+def run(script, *args, timeout=900):
     env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -246,7 +246,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
     latest = killed / "demo" / "demo_latest.pth"
     proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, killed, **settings))], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # during epoch 2 at the latest: no chance to clean up
@@ -287,7 +287,7 @@ def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     latest = out / "demo" / "demo_latest.pth"
     proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, out, **{"--epochs": 5}))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
