@@ -20,7 +20,7 @@ import argparse
 
 from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
 from utils.cli.options import Parser, add_training_arguments
-from utils.cli.presets import parse_with_demo
+from utils.cli.presets import parse_with_presets, preset_line
 from utils.errors import run_cli
 from utils.run.demo import prepare_demo
 from utils.run.modes import run
@@ -32,13 +32,14 @@ def build_parser() -> Parser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return parse_with_demo(build_parser(), argv)
+    return parse_with_presets(build_parser(), argv)
 
 
 def main(argv=None) -> None:
     parser = build_parser()
-    args = parse_with_demo(parser, argv)
+    args = parse_with_presets(parser, argv)
     mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
+    print(preset_line(args))
     config = run_config(args, [args.num_ref_shot], shot_names(args.setting, [args.num_ref_shot], per_shot=False))
     tune_cpu_allocator()
     extractor = prepare_demo(config) if args.demo else None

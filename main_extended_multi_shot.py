@@ -19,7 +19,7 @@ import argparse
 from models.extractor import OFFLINE_BACKBONE
 from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
 from utils.cli.options import Parser, add_training_arguments
-from utils.cli.presets import parse_with_demo
+from utils.cli.presets import parse_with_presets, preset_line
 from utils.errors import run_cli
 from utils.run.demo import prepare_demo
 from utils.run.modes import run
@@ -33,13 +33,14 @@ def build_parser() -> Parser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return parse_with_demo(build_parser(), argv, test_ref_feature_dir=DEMO_REF_DIR)
+    return parse_with_presets(build_parser(), argv, test_ref_feature_dir=DEMO_REF_DIR)
 
 
 def main(argv=None) -> None:
     parser = build_parser()
-    args = parse_with_demo(parser, argv, test_ref_feature_dir=DEMO_REF_DIR)
+    args = parse_with_presets(parser, argv, test_ref_feature_dir=DEMO_REF_DIR)
     mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
+    print(preset_line(args))
     shots = sorted(set(args.shots))
     config = run_config(args, shots, shot_names(args.setting, shots, per_shot=True), shots_flag="--shots")
     tune_cpu_allocator()

@@ -17,6 +17,7 @@ import argparse
 from models.extractor import IMAGEBIND_BACKBONE
 from models.imagebind import IMAGEBIND_WEIGHTS
 from utils.cli.adapters import choose_mode, given_flags, run_config, shot_names
+from utils.cli.presets import parse_with_presets, preset_line
 from utils.cli.options import Parser, add_training_arguments
 from utils.errors import run_cli
 from utils.run.modes import run
@@ -36,13 +37,14 @@ def build_parser() -> Parser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return parse_with_presets(build_parser(), argv, demo=False)
 
 
 def main(argv=None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_presets(parser, argv, demo=False)
     mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
+    print(preset_line(args))
     config = run_config(args, [args.num_ref_shot], shot_names(args.setting, [args.num_ref_shot], per_shot=False))
     tune_cpu_allocator()
     run(mode, config, checkpoint=args.checkpoint)

@@ -17,7 +17,7 @@ chunks, so a set too large to hold can be scored in passes with the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,16 +82,30 @@ def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
     return MapStatistics(list(level_max), normality_max)
 
 
+# The single maps of a ResAD evaluation: the authors' fused result, each of its two halves alone, and
+# the standardized recipe (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
+SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized")
+# --anomaly_map: the map a run scores with; "authors" is the fused map.
+ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized"}
+# --image_score: the maximum of the map (authors) or the mean of its top 1 % pixels.
+IMAGE_SCORES = ("max", "mean_top1pct")
+
+
 @torch.no_grad()
 def anomaly_maps(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.Tensor], size: int = 224,
-                 sigma: float = 4.0, chunk: int = 64, statistics: Optional[MapStatistics] = None) -> torch.Tensor:
+                 sigma: float = 4.0, chunk: int = 64, statistics: Optional[MapStatistics] = None,
+                 kind: str = "fused") -> torch.Tensor:
     """Fuse per-level maps of ALL test images of one class into (N, size, size) anomaly maps.
 
     ``logps`` and ``abnormal_probs`` are per-level (N, H_l, W_l) tensors.  ``statistics``: the
     set's :class:`MapStatistics` when the maps are a part of it (default: those of these maps).
-    The result is float32 on the CPU.
+    ``kind``: "fused" (the authors' result), or one of its halves alone, "normality"
+    (``global max - normality``) or "abnormality".  The result is float32 on the CPU.
     """
+    if kind not in ("fused", "normality", "abnormality"):
+        raise ValueError(f"unknown map kind {kind!r}")
     level_max = statistics.level_max if statistics is not None else [lp.max() for lp in logps]
+    weights = {"fused": (0.5, 0.5), "normality": (1.0, 0.0), "abnormality": (0.0, 1.0)}[kind]
     n = logps[0].shape[0]
     # Written chunk by chunk into the one result array (the class's maps are its largest
     # object: 0.4 GB for 2,000 images at 224 px; a list of chunks, their concatenation and
@@ -101,12 +115,91 @@ def anomaly_maps(logps: Sequence[torch.Tensor], abnormal_probs: Sequence[torch.T
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         normality = _normality([lp[part] for lp in logps], level_max, size)
-        abnormality = sum(_upsample(pa[part], size) for pa in abnormal_probs) / len(abnormal_probs)
         chunk_max = normality.max()
         global_max = chunk_max if global_max is None else torch.maximum(global_max, chunk_max)
-        maps[part] = gaussian_blur((abnormality - normality) / 2.0, sigma).cpu()
+        if kind == "fused":  # the authors' arithmetic, kept bit for bit
+            abnormality = sum(_upsample(pa[part], size) for pa in abnormal_probs) / len(abnormal_probs)
+            maps[part] = gaussian_blur((abnormality - normality) / 2.0, sigma).cpu()
+        elif kind == "normality":
+            maps[part] = gaussian_blur(-normality, sigma).cpu()
+        else:
+            abnormality = sum(_upsample(pa[part], size) for pa in abnormal_probs) / len(abnormal_probs)
+            maps[part] = gaussian_blur(abnormality, sigma).cpu()
     if statistics is not None:
         global_max = torch.tensor(statistics.normality_max)
-    if global_max is not None:
-        maps += global_max.cpu() / 2.0
+    if global_max is not None and weights[0]:
+        maps += global_max.cpu() * weights[0]
     return maps
+
+
+@dataclass(frozen=True)
+class LevelMoments:
+    """Per level, the mean and standard deviation of a score over every position of a set of images."""
+    mean: List[float]
+    std: List[float]
+
+
+@torch.no_grad()
+def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
+    """:class:`LevelMoments` of per-level (N, H_l, W_l) chunks (read once; float64 sums)."""
+    sums = None
+    for chunk in chunks:
+        parts = [(float(c.numel()), c.double().sum().item(), c.double().square().sum().item()) for c in chunk]
+        sums = parts if sums is None else [tuple(a + b for a, b in zip(s, p)) for s, p in zip(sums, parts)]
+    mean = [s / n for n, s, _ in sums]
+    std = [max(q / n - m * m, 0.0) ** 0.5 for (n, _, q), m in zip(sums, mean)]
+    return LevelMoments(mean, [s if s > 0 else 1.0 for s in std])
+
+
+@dataclass(frozen=True)
+class StandardizedStatistics:
+    """What the standardized map takes from the whole set: the moments of -logp and of |e| per level."""
+    nll: LevelMoments
+    norm: LevelMoments
+
+
+@torch.no_grad()
+def standardized_statistics(chunks: Sequence[Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> StandardizedStatistics:
+    """The set's :class:`StandardizedStatistics` from (per-level logp, per-level |e|) chunks."""
+    return StandardizedStatistics(level_moments([[-lp for lp in logps] for logps, _ in chunks]),
+                                  level_moments([norms for _, norms in chunks]))
+
+
+@torch.no_grad()
+def standardized_maps(logps: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], size: int = 224,
+                      sigma: float = 4.0, chunk: int = 64,
+                      statistics: Optional[StandardizedStatistics] = None) -> torch.Tensor:
+    """(N, size, size) maps of docs/method.md §2.9: per level, -logp and the constrained residual's
+    norm |e|, each standardized by its mean and std over the set's positions, summed over levels
+    (up-sampled) and Gaussian-smoothed.  Float32 on the CPU."""
+    statistics = statistics or standardized_statistics([(logps, norms)])
+    n = logps[0].shape[0]
+    maps = torch.empty((n, size, size), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        total = 0.0
+        for level, (lp, nm) in enumerate(zip(logps, norms)):
+            z_nll = (-lp[part] - statistics.nll.mean[level]) / statistics.nll.std[level]
+            z_norm = (nm[part] - statistics.norm.mean[level]) / statistics.norm.std[level]
+            total = total + _upsample((z_nll + z_norm).float(), size)
+        maps[part] = gaussian_blur(total, sigma).cpu()
+    return maps
+
+
+@torch.no_grad()
+def resad_maps(outputs, kind: str, size: int = 224, sigma: float = 4.0) -> torch.Tensor:
+    """The (N, size, size) map ``kind`` of :data:`SINGLE_MAPS` from a whole set's per-level model outputs
+    (``logps``, ``abnormal_probs`` and ``norms``, as :class:`models.resad.LevelScores`)."""
+    if kind == "standardized":
+        return standardized_maps(outputs.logps, outputs.norms, size=size, sigma=sigma)
+    return anomaly_maps(outputs.logps, outputs.abnormal_probs, size=size, sigma=sigma, kind=kind)
+
+
+def image_scores(maps: torch.Tensor, rule: str = "max") -> torch.Tensor:
+    """(N,) image scores of (N, H, W) maps: the maximum, or the mean of the top 1 % of the pixels."""
+    flat = torch.as_tensor(maps).reshape(len(maps), -1)
+    if rule == "max":
+        return flat.max(dim=1).values
+    if rule == "mean_top1pct":
+        return flat.topk(max(1, flat.shape[1] // 100), dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown image score {rule!r}; choose from {IMAGE_SCORES}")

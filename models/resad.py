@@ -9,7 +9,7 @@ shape the model are a :class:`ModelConfig`, stored in every checkpoint.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,14 @@ from utils.stages import stage
 # Positions sent through a flow at once at inference: large on a GPU, cache-sized
 # on a CPU (where 4096 was 2x faster than 25088; README, Speed).
 INFERENCE_CHUNK = {"cuda": 65536, "cpu": 4096}
+
+
+class LevelScores(NamedTuple):
+    """What ResAD returns for a batch, per level (B, H, W) maps: the flow's log-likelihood logp, the
+    abnormal probability softmax([logp, logp_a])[1] and the norm |e| of the constrained residual."""
+    logps: List[torch.Tensor]
+    abnormal_probs: List[torch.Tensor]
+    norms: List[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -86,17 +94,13 @@ class ResAD(nn.Module):
         return log_likelihoods(z, log_det)
 
     @torch.no_grad()
-    def forward(self, features: Sequence[torch.Tensor], bank: ReferenceBank) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Score a batch of images of one class.
-
-        Returns, per level, the log-likelihood map logp (B, H, W) and the
-        abnormal probability softmax([logp, logp_a])[1] (B, H, W).
-        """
+    def forward(self, features: Sequence[torch.Tensor], bank: ReferenceBank) -> LevelScores:
+        """Score a batch of images of one class: per level, logp, the abnormal probability and |e|."""
         return self.score_residuals(self.residuals(features, bank))
 
     @torch.no_grad()
     def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank,
-                      shots: Sequence[int]) -> Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+                      shots: Sequence[int]) -> Dict[int, LevelScores]:
         """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching."""
         with stage("matching"):
             matched = self.matcher.match_by_shots(features, bank, shots)
@@ -109,20 +113,21 @@ class ResAD(nn.Module):
         return [match_feature_distribution(r, q, self.fdm_alpha) for r, q in zip(residuals, quantized)]
 
     @torch.no_grad()
-    def score_residuals(self, residuals: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Distribution matching, constraintor and flows: per-level logp and abnormal-probability maps."""
+    def score_residuals(self, residuals: Sequence[torch.Tensor]) -> LevelScores:
+        """Distribution matching, constraintor and flows: per-level logp, abnormal-probability and |e| maps."""
         with stage("VQ + EFDM"):
             residuals = self.distribution_match(residuals)
         with stage("constraintor"):
             constrained = self.constraintor(residuals)
-        logps, abnormal_probs = [], []
+        logps, abnormal_probs, norms = [], [], []
         for level, e in enumerate(constrained):
             with stage(f"flow L{level + 1}"):
                 logp, logp_a = self._flow_in_chunks(level, e)
             b, _, h, w = e.shape
             logps.append(logp.reshape(b, h, w))
             abnormal_probs.append(torch.softmax(torch.stack([logp, logp_a], dim=-1), dim=-1)[:, 1].reshape(b, h, w))
-        return logps, abnormal_probs
+            norms.append(e.norm(dim=1))
+        return LevelScores(logps, abnormal_probs, norms)
 
     def _flow_in_chunks(self, level: int, constrained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = constrained.shape

@@ -111,6 +111,24 @@ def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_pa
     assert "demo epoch 2: image AUROC" in out and "AUPRO" in out
     _check_history(run, out, latest)
     _check_run_record(run, args, demo_root, demo_refs)
+    _check_single_maps(run)
+
+
+def _check_single_maps(run):
+    """<run>_epoch<E>_maps.csv: per map the class rows and a Mean; the run's result is the fused map
+    (the authors' recipe), the kNN rows are the baseline CSV's."""
+    for epoch in (1, 2):
+        maps = pd.read_csv(run / f"demo_epoch{epoch}_maps.csv")
+        assert list(maps.columns) == ["Class Name", "Map", *METRIC_NAMES]
+        part = {name: rows[list(METRIC_NAMES)].to_numpy() for name, rows in maps.groupby("Map", sort=False)}
+        assert list(part) == ["resad", "fused", "normality", "abnormality", "standardized", "knn"]
+        assert maps[maps["Map"] == "resad"]["Class Name"].tolist() == list(DEMO_UNSEEN) + ["Mean"]
+        metrics = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv")[list(METRIC_NAMES)].to_numpy()
+        baseline = pd.read_csv(run / f"demo_epoch{epoch}_baseline.csv")[list(METRIC_NAMES)].to_numpy()
+        assert np.allclose(part["resad"], metrics, atol=1e-5) and np.array_equal(part["fused"], part["resad"])
+        assert np.allclose(part["knn"], baseline, atol=1e-5)
+        assert not np.allclose(part["normality"], part["abnormality"])
+        assert not np.allclose(part["standardized"], part["fused"])
 
 
 def _check_history(run, printed, latest):

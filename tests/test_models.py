@@ -310,6 +310,68 @@ def test_anomaly_maps_follow_the_spec():
     assert np.abs(got - expected).max() < 1e-5
 
 
+def _scipy_up(maps, size):
+    """Bilinear up-sampling with corners on corners (align_corners), by scipy: an independent reference."""
+    return np.stack([ndi.zoom(m.astype(np.float64), (size / m.shape[0], size / m.shape[1]), order=1,
+                              mode="nearest", grid_mode=False) for m in maps])
+
+
+def test_standardized_map_follows_its_definition():
+    from models.anomaly_map import standardized_maps
+
+    torch.manual_seed(1)
+    logps = [torch.randn(4, 8, 8) * 5 - 30, torch.randn(4, 4, 4) - 3]
+    norms = [torch.rand(4, 8, 8) * 3, torch.rand(4, 4, 4) * 0.1]
+    size = 32
+    total = 0.0
+    for lp, nm in zip(logps, norms):  # numpy moments over every position of the set, per level
+        nll, norm = -lp.numpy().astype(np.float64), nm.numpy().astype(np.float64)
+        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((norm - norm.mean()) / norm.std(), size)
+    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    got = standardized_maps(logps, norms, size=size, sigma=2.0, chunk=3).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_standardized_statistics_of_parts_equal_the_whole():
+    from models.anomaly_map import standardized_maps, standardized_statistics
+
+    torch.manual_seed(2)
+    logps = [torch.randn(9, 8, 8) * 3, torch.randn(9, 4, 4)]
+    norms = [torch.rand(9, 8, 8), torch.rand(9, 4, 4)]
+    parts = [slice(i, i + 4) for i in range(0, 9, 4)]
+    statistics = standardized_statistics([([lp[p] for lp in logps], [nm[p] for nm in norms]) for p in parts])
+    whole = standardized_maps(logps, norms, size=32, sigma=2.0)
+    pieces = torch.cat([standardized_maps([lp[p] for lp in logps], [nm[p] for nm in norms], size=32, sigma=2.0,
+                                          statistics=statistics) for p in parts])
+    assert torch.allclose(pieces, whole, atol=1e-5)
+
+
+def test_single_maps_are_the_halves_of_the_fused_map():
+    """normality alone = G(max - sum_l exp(logp_l - max_l)), abnormality alone = G(mean of probs); fused = their mean."""
+    torch.manual_seed(3)
+    logps = [torch.randn(5, 8, 8) - 3, torch.randn(5, 4, 4) - 3]
+    probs = [torch.rand(5, 8, 8), torch.rand(5, 4, 4)]
+    smooth = lambda m: np.stack([ndi.gaussian_filter(x, 2.0) for x in m])  # noqa: E731
+    normal = sum(_scipy_up((lp - lp.max()).exp().numpy(), 32) for lp in logps)
+    normality = anomaly_maps(logps, probs, size=32, sigma=2.0, kind="normality").numpy()
+    abnormality = anomaly_maps(logps, probs, size=32, sigma=2.0, kind="abnormality").numpy()
+    assert np.abs(normality - smooth(normal.max() - normal)).max() < 1e-4
+    assert np.abs(abnormality - smooth(sum(_scipy_up(p.numpy(), 32) for p in probs) / 2)).max() < 1e-4
+    fused = anomaly_maps(logps, probs, size=32, sigma=2.0).numpy()
+    assert np.abs(fused - (normality + abnormality) / 2).max() < 1e-5
+
+
+def test_image_scores_max_and_top_percent_mean():
+    from models.anomaly_map import image_scores
+
+    maps = torch.rand(3, 20, 20)  # 400 pixels: the top 1 % are the 4 largest
+    top = np.sort(maps.numpy().reshape(3, -1), axis=1)[:, -4:].mean(axis=1)
+    assert np.allclose(image_scores(maps, "mean_top1pct").numpy(), top, atol=1e-6)
+    assert torch.equal(image_scores(maps, "max"), maps.reshape(3, -1).max(dim=1).values)
+    with pytest.raises(ValueError, match="unknown image score"):
+        image_scores(maps, "median")
+
+
 def test_anomaly_maps_of_a_set_scored_in_parts_equal_the_whole():
     """The set's statistics (per-level maximum logp, maximum normality) make parts score like the whole."""
     from models.anomaly_map import map_statistics

@@ -29,7 +29,7 @@ MODEL_FLAGS = tuple(f.name for f in fields(ModelConfig))
 UNUSED = {
     EVALUATE: (TRAINING_FLAGS + MODEL_FLAGS + ("backbone", "feature_levels", "feature_blocks"),
                "--eval_only takes the backbone and the model options from --checkpoint and does not train"),
-    KNN: (TRAINING_FLAGS + MODEL_FLAGS + ("fdm_alpha", "num_heatmaps", "ref_groups"),
+    KNN: (TRAINING_FLAGS + MODEL_FLAGS + ("fdm_alpha", "num_heatmaps", "ref_groups", "anomaly_map"),
           "--baseline knn evaluates the training-free baseline alone (first k shots, no heat-maps)"),
     TRAIN: ((), ""),
 }
@@ -80,7 +80,8 @@ def run_config(args: argparse.Namespace, shots: Sequence[int], run_names: Mappin
     training = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name != "synthetic_defects"},
                            synthetic_defects=tuple(args.synthetic_defects))
     evaluation = EvalConfig(tuple(int(k) for k in shots), shots_flag, args.ref_groups, args.fdm_alpha,
-                            args.smooth_sigma, args.eval_batch_size, not args.no_aupro, args.num_heatmaps)
+                            args.smooth_sigma, args.eval_batch_size, not args.no_aupro, args.num_heatmaps,
+                            args.anomaly_map, args.image_score)
     return RunConfig(dict(run_names), data, backbone_config(args), model, training, evaluation, args.checkpoint_path,
                      args.device, args.seed, args.num_workers, plain_values(vars(args)))
 

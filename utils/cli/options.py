@@ -13,6 +13,7 @@ from typing import Callable
 
 from datasets.anomaly_source import ANOMALY_SOURCES
 from datasets.defects import DEFECT_FAMILIES
+from models.anomaly_map import ANOMALY_MAP_RECIPES, IMAGE_SCORES
 from models.extractor import DEFAULT_BACKBONE, IMAGEBIND_BACKBONE
 from models.flow import FLOW_ARCHS
 from models.imagebind import IMAGEBIND_WEIGHTS
@@ -192,3 +193,8 @@ def _add_model_arguments(model) -> None:
     model.add_argument("--residual", default="squared", choices=RESIDUAL_MODES,
                        help="squared (authors' code) or difference (paper) residuals")
     model.add_argument("--smooth_sigma", type=float, default=4.0, help="Gaussian smoothing of the maps")
+    model.add_argument("--anomaly_map", default="authors", choices=list(ANOMALY_MAP_RECIPES),
+                       help="authors: the fused normality + abnormality map; standardized: -logp and |e| per "
+                            "level, each standardized over the class's positions, summed (README, Recommended preset)")
+    model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
+                       help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")

@@ -46,6 +46,10 @@ class RunOutputs:
     def pixel_auroc_png(self, epoch: int) -> str:
         return self.path(f"_epoch{epoch}_pixel_auroc.png")
 
+    def maps_csv(self, epoch: int) -> str:
+        """The metrics of each single map (a row per class and map, Mean rows per map)."""
+        return self.path(f"_epoch{epoch}_maps.csv")
+
     def baseline_csv(self, epoch: int) -> str:
         """The kNN baseline's table beside the evaluation of ``epoch``."""
         return self.path(f"_epoch{epoch}_baseline.csv")

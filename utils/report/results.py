@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 
 from utils.formats.run_outputs import RunOutputs, image_label, mean_row, results_table, write_table
+
+MAP_COLUMN = "Map"
 from utils.report import plots
 
 
@@ -35,11 +37,31 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class, heatmaps: bool) -> 
     write_table(out.metrics_csv(epoch), out.metrics_json(epoch), table, run=out.name, epoch=epoch)
     plots.plot_class_metric(table, "Pixel AUC", out.pixel_auroc_png(epoch),
                             title=f"{out.name}, epoch {epoch}: pixel AUROC per class")
+    write_single_maps(out, epoch, per_class)
     if heatmaps:
         for class_name, ev in per_class.items():
             for item in ev.heatmaps:
                 _save_heatmap(out, class_name, item)
     return table
+
+
+def single_maps_table(per_class) -> Optional[pd.DataFrame]:
+    """A ``Map`` column and, per map, the rows of :func:`results_table` (classes, then Mean); None without maps."""
+    names = next((list(ev.maps) for ev in per_class.values() if ev.maps), None)
+    if names is None:
+        return None
+    tables = [results_table({c: ev.maps[name] for c, ev in per_class.items() if name in ev.maps})
+              for name in names]
+    for name, table in zip(names, tables):
+        table.insert(1, MAP_COLUMN, name)
+    return pd.concat(tables, ignore_index=True)
+
+
+def write_single_maps(out: RunOutputs, epoch: int, per_class) -> None:
+    """``<run>_epoch<E>_maps.csv``: the metrics of each single map beside the result (docs/method.md §2.9)."""
+    table = single_maps_table(per_class)
+    if table is not None:
+        write_table(out.maps_csv(epoch), None, table)
 
 
 def _save_heatmap(out: RunOutputs, class_name: str, item: dict) -> None:

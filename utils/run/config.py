@@ -65,6 +65,9 @@ class EvalConfig:
     batch_size: int = 32
     aupro: bool = True
     num_heatmaps: int = 4                 # failure heat-maps per class after the last evaluation
+    anomaly_map: str = "authors"          # the map a run scores with (models.anomaly_map.ANOMALY_MAP_RECIPES)
+    image_score: str = "max"              # image score from the map (models.anomaly_map.IMAGE_SCORES)
+    map_metrics: bool = True              # also the metrics of each single map (<run>_epoch<E>_maps.csv)
 
 
 @dataclass(frozen=True)

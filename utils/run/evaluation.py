@@ -11,11 +11,11 @@ import torch
 from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
-from models.anomaly_map import anomaly_maps
+from models.anomaly_map import ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, resad_maps
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
-from models.resad import ResAD
+from models.resad import LevelScores, ResAD
 from utils.metrics import METRIC_NAMES, compute_metrics
 from utils.report.failures import f1_max_threshold, failure_cases
 from utils.run.config import EvalConfig
@@ -30,6 +30,7 @@ class ClassEvaluation:
                                          # role, score, threshold
     group_metrics: List[Dict[str, float]] = field(default_factory=list)  # one per reference group
     knn: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images (first k shots)
+    maps: Dict[str, Dict[str, float]] = field(default_factory=dict)  # each single map's metrics (first group)
 
 
 def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[ReferenceBank]:
@@ -51,9 +52,9 @@ def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[Refere
 
 @dataclass
 class _ClassScores:
-    """What the test images of one class leave after scoring: per (group, k) and level the logp and
-    abnormal-probability maps, the labels and masks, and the kNN distances."""
-    maps: Dict[Tuple[int, int], Tuple[List[List[torch.Tensor]], List[List[torch.Tensor]]]]
+    """What the test images of one class leave after scoring: per (group, k) the model's per-level
+    outputs (:class:`LevelScores` of per-level lists of batches), the labels and masks, and the kNN distances."""
+    maps: Dict[Tuple[int, int], LevelScores]
     labels: np.ndarray
     masks: np.ndarray
     knn: Optional[KnnAccumulator]
@@ -90,7 +91,7 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
                  group_banks: Sequence[ReferenceBank], config: EvalConfig, device: torch.device, num_workers: int,
                  knn_shots: Optional[Sequence[int]]) -> _ClassScores:
     levels = range(len(model.channels))
-    maps = {(g, k): ([[] for _ in levels], [[] for _ in levels])
+    maps = {(g, k): LevelScores(*([[] for _ in levels] for _ in LevelScores._fields))
             for g in range(len(group_banks)) for k in config.shots}
     labels, masks = [], []
     knn = KnnAccumulator(knn_shots) if knn_shots is not None else None
@@ -102,10 +103,10 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
         if knn is not None:
             knn.add(features, knn_banks)
         for g, bank in enumerate(group_banks):
-            for k, (logps, probs) in model.forward_shots(features, bank, config.shots).items():
-                for level in levels:
-                    maps[g, k][0][level].append(logps[level])
-                    maps[g, k][1][level].append(probs[level])
+            for k, outputs in model.forward_shots(features, bank, config.shots).items():
+                for kept, batch_maps in zip(maps[g, k], outputs):
+                    for level in levels:
+                        kept[level].append(batch_maps[level])
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
     return _ClassScores(maps, np.concatenate(labels), np.concatenate(masks), knn)
@@ -115,34 +116,55 @@ def _class_result(scores: _ClassScores, k: int, class_name: str, samples: Sequen
                   extractor: FeatureExtractor, config: EvalConfig, num_heatmaps: int,
                   knn_cache: Optional[dict]) -> ClassEvaluation:
     """The metrics of one class at k shots (mean over the reference groups), its heat-maps and its kNN row."""
-    groups, heat = [], []
+    groups, heat, single = [], [], {}
+    kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
     for g in range(config.ref_groups):
-        logps, probs = scores.maps.pop((g, k))
+        outputs = LevelScores(*([torch.cat(level) for level in kept] for kept in scores.maps.pop((g, k))))
         with stage("anomaly maps"):
-            maps = anomaly_maps([torch.cat(level) for level in logps], [torch.cat(level) for level in probs],
-                                size=extractor.image_size, sigma=config.smooth_sigma).numpy()
+            maps = resad_maps(outputs, kind, size=extractor.image_size, sigma=config.smooth_sigma).numpy()
         groups.append(_metrics(maps, scores, config))
         if g == 0 and num_heatmaps:
-            heat = _failure_heatmaps(samples, maps, scores.labels, scores.masks, extractor, num_heatmaps)
+            heat = _failure_heatmaps(samples, maps, scores.labels, scores.masks, extractor, num_heatmaps,
+                                     config.image_score)
         del maps
+        if g == 0 and config.map_metrics:
+            single = _single_map_metrics(outputs, kind, groups[0], scores, extractor, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {m: float(np.nanmean([grp[m] for grp in groups])) for m in METRIC_NAMES}
     if scores.knn is not None and k in scores.knn.levels:
         knn_maps = scores.knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
         knn_cache[(k, class_name)] = _metrics(knn_maps, scores, config)
-    return ClassEvaluation(mean, heat, groups, knn=knn_cache.get((k, class_name)) if knn_cache is not None else None)
+    knn = knn_cache.get((k, class_name)) if knn_cache is not None else None
+    if single and knn is not None:
+        single["knn"] = knn
+    return ClassEvaluation(mean, heat, groups, knn=knn, maps=single)
+
+
+def _single_map_metrics(outputs: LevelScores, kind: str, result: Dict[str, float], scores: _ClassScores,
+                        extractor: FeatureExtractor, config: EvalConfig) -> Dict[str, Dict[str, float]]:
+    """The metrics of each single map of :data:`SINGLE_MAPS` ("resad" is the run's own result)."""
+    single = {"resad": result}
+    for name in SINGLE_MAPS:
+        if name == kind:
+            single[name] = result
+            continue
+        with stage("single maps"):
+            maps = resad_maps(outputs, name, size=extractor.image_size, sigma=config.smooth_sigma).numpy()
+            single[name] = _metrics(maps, scores, config)
+    return single
 
 
 def _metrics(maps: np.ndarray, scores: _ClassScores, config: EvalConfig) -> Dict[str, float]:
     with stage("metrics (incl. AUPRO)"):
-        return compute_metrics(maps, scores.labels, scores.masks, compute_aupro=config.aupro)
+        return compute_metrics(maps, scores.labels, scores.masks, image_scores(maps, config.image_score).numpy(),
+                               compute_aupro=config.aupro)
 
 
 def _failure_heatmaps(samples: Sequence[Sample], maps: np.ndarray, labels: np.ndarray, masks: np.ndarray,
-                      extractor: FeatureExtractor, count: int) -> List[dict]:
+                      extractor: FeatureExtractor, count: int, rule: str = "max") -> List[dict]:
     """The worst miss, worst false alarm and top anomalous image of a class (images re-read from disk)."""
-    scores = maps.max(axis=(1, 2))
+    scores = image_scores(maps, rule).numpy()
     threshold = f1_max_threshold(labels, scores)
     chosen = failure_cases(labels, scores, count)
     dataset = AnomalyDataset([samples[i] for i, _ in chosen], image_size=extractor.image_size,

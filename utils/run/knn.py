@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import Sample
+from models.anomaly_map import image_scores
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
@@ -52,5 +53,6 @@ def knn_metrics(extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
         for k in config.shots:
             maps = knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
             results[k][class_name] = compute_metrics(maps, np.concatenate(labels), np.concatenate(masks),
+                                                     image_scores(maps, config.image_score).numpy(),
                                                      compute_aupro=config.aupro)
     return results
