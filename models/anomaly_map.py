@@ -83,10 +83,11 @@ def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
 
 
 # The single maps of a ResAD evaluation: the authors' fused result, each of its two halves alone, and
-# the standardized recipe (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
-SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized")
+# the standardized maps (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
+SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized", "residual", "standardized_residual")
 # --anomaly_map: the map a run scores with; "authors" is the fused map.
-ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized"}
+ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized",
+                       "standardized_residual": "standardized_residual"}
 # --image_score: the maximum of the map (authors) or the mean of its top 1 % pixels.
 IMAGE_SCORES = ("max", "mean_top1pct")
 
@@ -151,37 +152,43 @@ def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
     return LevelMoments(mean, [s if s > 0 else 1.0 for s in std])
 
 
-@dataclass(frozen=True)
-class StandardizedStatistics:
-    """What the standardized map takes from the whole set: the moments of -logp and of |e| per level."""
-    nll: LevelMoments
-    norm: LevelMoments
+# The standardized maps (§2.9): which per-level scores each one standardizes and sums.  "nll" is -logp
+# of the flow, "norm" the constrained residual's |e|, "residual" the raw residual's magnitude |f - r|
+# (the distance to the nearest reference: training-free, close to the kNN baseline's score).
+STANDARDIZED_TERMS = {"standardized": ("nll", "norm"), "residual": ("residual",),
+                      "standardized_residual": ("nll", "norm", "residual")}
+
+
+def standardized_terms(outputs, kind: str) -> List[Sequence[torch.Tensor]]:
+    """Per term of ``kind``, the per-level score maps of ``outputs`` (a :class:`models.resad.LevelScores`)."""
+    source = {"nll": lambda: [-lp for lp in outputs.logps], "norm": lambda: outputs.norms,
+              "residual": lambda: outputs.distances}
+    return [source[term]() for term in STANDARDIZED_TERMS[kind]]
 
 
 @torch.no_grad()
-def standardized_statistics(chunks: Sequence[Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> StandardizedStatistics:
-    """The set's :class:`StandardizedStatistics` from (per-level logp, per-level |e|) chunks."""
-    return StandardizedStatistics(level_moments([[-lp for lp in logps] for logps, _ in chunks]),
-                                  level_moments([norms for _, norms in chunks]))
+def standardized_statistics(chunks: Iterable[Sequence[Sequence[torch.Tensor]]]) -> List[LevelMoments]:
+    """Per term, the :class:`LevelMoments` of a set given in chunks (each: per term, per-level maps)."""
+    chunks = list(chunks)
+    return [level_moments([chunk[term] for chunk in chunks]) for term in range(len(chunks[0]))]
 
 
 @torch.no_grad()
-def standardized_maps(logps: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], size: int = 224,
-                      sigma: float = 4.0, chunk: int = 64,
-                      statistics: Optional[StandardizedStatistics] = None) -> torch.Tensor:
-    """(N, size, size) maps of docs/method.md §2.9: per level, -logp and the constrained residual's
-    norm |e|, each standardized by its mean and std over the set's positions, summed over levels
-    (up-sampled) and Gaussian-smoothed.  Float32 on the CPU."""
-    statistics = statistics or standardized_statistics([(logps, norms)])
-    n = logps[0].shape[0]
+def standardized_maps(terms: Sequence[Sequence[torch.Tensor]], size: int = 224, sigma: float = 4.0,
+                      chunk: int = 64, statistics: Optional[Sequence[LevelMoments]] = None) -> torch.Tensor:
+    """(N, size, size) maps of docs/method.md §2.9: each term's per-level score, standardized by its
+    mean and std over the set's positions, up-sampled and summed over terms and levels, then
+    Gaussian-smoothed.  ``statistics``: the whole set's, when ``terms`` are a part of it."""
+    statistics = statistics or standardized_statistics([terms])
+    n = terms[0][0].shape[0]
     maps = torch.empty((n, size, size), dtype=torch.float32)
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         total = 0.0
-        for level, (lp, nm) in enumerate(zip(logps, norms)):
-            z_nll = (-lp[part] - statistics.nll.mean[level]) / statistics.nll.std[level]
-            z_norm = (nm[part] - statistics.norm.mean[level]) / statistics.norm.std[level]
-            total = total + _upsample((z_nll + z_norm).float(), size)
+        for level in range(len(terms[0])):
+            z = sum((term[level][part] - moments.mean[level]) / moments.std[level]
+                    for term, moments in zip(terms, statistics))
+            total = total + _upsample(z.float(), size)
         maps[part] = gaussian_blur(total, sigma).cpu()
     return maps
 
@@ -189,9 +196,9 @@ def standardized_maps(logps: Sequence[torch.Tensor], norms: Sequence[torch.Tenso
 @torch.no_grad()
 def resad_maps(outputs, kind: str, size: int = 224, sigma: float = 4.0) -> torch.Tensor:
     """The (N, size, size) map ``kind`` of :data:`SINGLE_MAPS` from a whole set's per-level model outputs
-    (``logps``, ``abnormal_probs`` and ``norms``, as :class:`models.resad.LevelScores`)."""
-    if kind == "standardized":
-        return standardized_maps(outputs.logps, outputs.norms, size=size, sigma=sigma)
+    (a :class:`models.resad.LevelScores`)."""
+    if kind in STANDARDIZED_TERMS:
+        return standardized_maps(standardized_terms(outputs, kind), size=size, sigma=sigma)
     return anomaly_maps(outputs.logps, outputs.abnormal_probs, size=size, sigma=sigma, kind=kind)
 
 

@@ -18,7 +18,7 @@ from models.constraintor import FeatureConstraintor
 from models.flow import FLOW_ARCHS, LevelFlow, grid_coordinates, log_likelihoods
 from models.matching import DEFAULT_MATCHER, Matcher, ReferenceBank
 from models.positions import flatten_positions
-from models.residual import RESIDUAL_MODES, match_feature_distribution, residual_features
+from models.residual import RESIDUAL_MODES, match_feature_distribution, residual_distance, residual_features
 from models.vq import MultiScaleVQ
 from utils.stages import stage
 
@@ -29,10 +29,12 @@ INFERENCE_CHUNK = {"cuda": 65536, "cpu": 4096}
 
 class LevelScores(NamedTuple):
     """What ResAD returns for a batch, per level (B, H, W) maps: the flow's log-likelihood logp, the
-    abnormal probability softmax([logp, logp_a])[1] and the norm |e| of the constrained residual."""
+    abnormal probability softmax([logp, logp_a])[1], the norm |e| of the constrained residual and the
+    distance |f - r| of each feature to its matched reference (before distribution matching)."""
     logps: List[torch.Tensor]
     abnormal_probs: List[torch.Tensor]
     norms: List[torch.Tensor]
+    distances: List[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ class ResAD(nn.Module):
 
     @torch.no_grad()
     def score_residuals(self, residuals: Sequence[torch.Tensor]) -> LevelScores:
-        """Distribution matching, constraintor and flows: per-level logp, abnormal-probability and |e| maps."""
+        """Distribution matching, constraintor and flows: the per-level maps of :class:`LevelScores`."""
+        distances = [residual_distance(r, self.config.residual) for r in residuals]
         with stage("VQ + EFDM"):
             residuals = self.distribution_match(residuals)
         with stage("constraintor"):
@@ -127,7 +130,7 @@ class ResAD(nn.Module):
             logps.append(logp.reshape(b, h, w))
             abnormal_probs.append(torch.softmax(torch.stack([logp, logp_a], dim=-1), dim=-1)[:, 1].reshape(b, h, w))
             norms.append(e.norm(dim=1))
-        return LevelScores(logps, abnormal_probs, norms)
+        return LevelScores(logps, abnormal_probs, norms, distances)
 
     def _flow_in_chunks(self, level: int, constrained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = constrained.shape

@@ -26,6 +26,13 @@ def residual_features(features: Sequence[torch.Tensor], matched: Sequence[torch.
     raise ValueError(f"unknown residual mode {mode!r}; choose from {RESIDUAL_MODES}")
 
 
+def residual_distance(residual: torch.Tensor, mode: str = "squared") -> torch.Tensor:
+    """(B, H, W) Euclidean distance |x - x*| of each position to its matched reference, from its residual."""
+    if mode == "squared":
+        return residual.sum(dim=1).sqrt()
+    return residual.norm(dim=1)
+
+
 def match_feature_distribution(source: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
     """Exact feature distribution matching (EFDM), per image and channel.
 

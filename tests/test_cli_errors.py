@@ -296,3 +296,42 @@ def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and "--resume" in stderr
     assert torch.load(latest, weights_only=True)["epoch"] >= 1
+
+
+# --------------------------------------------------------------------------- presets
+
+def test_presets_set_defaults_and_explicit_flags_win():
+    import main
+    import main_extended_multi_shot
+    import main_ib
+    from utils.cli.presets import PRESETS
+
+    recommended = PRESETS["recommended"]
+    assert recommended  # the recommended recipe changes something
+    plain = main.parse_args([])
+    assert plain.preset == "authors" and (plain.anomaly_map, plain.image_score) == ("authors", "max")
+    demo = main.parse_args(["--demo"])
+    assert demo.preset == "recommended" and all(getattr(demo, k) == v for k, v in recommended.items())
+    assert main.parse_args(["--demo", "--preset", "authors"]).anomaly_map == "authors"
+    chosen = main_ib.parse_args(["--preset", "recommended", "--image_score", "max"])
+    assert chosen.anomaly_map == recommended["anomaly_map"] and chosen.image_score == "max"
+    assert main_extended_multi_shot.parse_args(["--preset", "recommended"]).anomaly_map == recommended["anomaly_map"]
+
+
+def test_eval_only_with_a_preset_scores_with_its_map_and_says_so(demo, finished_run, tmp_path):
+    record = json.loads((finished_run / "demo" / "demo_run.json").read_text())
+    assert record["args"]["preset"] == "authors"
+    latest = finished_run / "demo" / "demo_latest.pth"
+    options = ["--eval_only", "--checkpoint", latest, "--setting", "demo", "--test_dataset_dir", demo["root"],
+               "--test_ref_feature_dir", demo["refs"], "--num_ref_shot", 2, "--eval_batch_size", 8,
+               "--num_workers", 0, "--device", "cpu", "--num_heatmaps", 0]
+    for preset, extra, expected_map in (("recommended", [], "standardized"),
+                                        ("recommended", ["--anomaly_map", "authors"], "fused")):
+        out = tmp_path / f"{preset}{len(extra)}"
+        proc = run("main.py", *options, "--checkpoint_path", out, "--preset", preset, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0].startswith(f"preset {preset}: --anomaly_map standardized")
+        metrics = pd.read_csv(out / "demo" / "demo_epoch1_metrics.csv")
+        maps = pd.read_csv(out / "demo" / "demo_epoch1_maps.csv")
+        chosen = maps[maps["Map"] == expected_map].drop(columns="Map").reset_index(drop=True)
+        assert np.allclose(chosen.drop(columns="Class Name"), metrics.drop(columns="Class Name"), atol=1e-5)

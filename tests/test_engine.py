@@ -121,7 +121,8 @@ def _check_single_maps(run):
         maps = pd.read_csv(run / f"demo_epoch{epoch}_maps.csv")
         assert list(maps.columns) == ["Class Name", "Map", *METRIC_NAMES]
         part = {name: rows[list(METRIC_NAMES)].to_numpy() for name, rows in maps.groupby("Map", sort=False)}
-        assert list(part) == ["resad", "fused", "normality", "abnormality", "standardized", "knn"]
+        assert list(part) == ["resad", "fused", "normality", "abnormality", "standardized", "residual",
+                              "standardized_residual", "knn"]
         assert maps[maps["Map"] == "resad"]["Class Name"].tolist() == list(DEMO_UNSEEN) + ["Mean"]
         metrics = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv")[list(METRIC_NAMES)].to_numpy()
         baseline = pd.read_csv(run / f"demo_epoch{epoch}_baseline.csv")[list(METRIC_NAMES)].to_numpy()

@@ -328,7 +328,7 @@ def test_standardized_map_follows_its_definition():
         nll, norm = -lp.numpy().astype(np.float64), nm.numpy().astype(np.float64)
         total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((norm - norm.mean()) / norm.std(), size)
     expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
-    got = standardized_maps(logps, norms, size=size, sigma=2.0, chunk=3).numpy()
+    got = standardized_maps([[-lp for lp in logps], norms], size=size, sigma=2.0, chunk=3).numpy()
     assert np.abs(got - expected).max() < 1e-4
 
 
@@ -340,10 +340,20 @@ def test_standardized_statistics_of_parts_equal_the_whole():
     norms = [torch.rand(9, 8, 8), torch.rand(9, 4, 4)]
     parts = [slice(i, i + 4) for i in range(0, 9, 4)]
     statistics = standardized_statistics([([lp[p] for lp in logps], [nm[p] for nm in norms]) for p in parts])
-    whole = standardized_maps(logps, norms, size=32, sigma=2.0)
-    pieces = torch.cat([standardized_maps([lp[p] for lp in logps], [nm[p] for nm in norms], size=32, sigma=2.0,
+    whole = standardized_maps([logps, norms], size=32, sigma=2.0)
+    pieces = torch.cat([standardized_maps([[lp[p] for lp in logps], [nm[p] for nm in norms]], size=32, sigma=2.0,
                                           statistics=statistics) for p in parts])
     assert torch.allclose(pieces, whole, atol=1e-5)
+
+
+def test_residual_distance_is_the_distance_to_the_matched_reference():
+    from models.residual import residual_distance
+
+    features, matched = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    direct = (features - matched).pow(2).sum(dim=1).sqrt()
+    for mode in ("squared", "difference"):
+        got = residual_distance(residual_features([features], [matched], mode)[0], mode)
+        assert torch.allclose(got, direct, atol=1e-6)
 
 
 def test_single_maps_are_the_halves_of_the_fused_map():

@@ -195,6 +195,7 @@ def _add_model_arguments(model) -> None:
     model.add_argument("--smooth_sigma", type=float, default=4.0, help="Gaussian smoothing of the maps")
     model.add_argument("--anomaly_map", default="authors", choices=list(ANOMALY_MAP_RECIPES),
                        help="authors: the fused normality + abnormality map; standardized: -logp and |e| per "
-                            "level, each standardized over the class's positions, summed (README, Recommended preset)")
+                            "level, each standardized over the class's positions, summed; standardized_residual: "
+                            "also the distance to the matched reference (README, Recommended preset)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
