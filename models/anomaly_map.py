@@ -58,6 +58,21 @@ def _upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
 
 
+@torch.no_grad()
+def summed_level_maps(levels: Sequence[torch.Tensor], size: int = 224, sigma: float = 4.0,
+                      chunk: int = 64) -> torch.Tensor:
+    """(N, size, size) float32 CPU maps: per-level (N, H_l, W_l) maps up-sampled (bilinear), summed over
+    the levels and Gaussian-smoothed, ``chunk`` images at a time into one result array (a whole set in
+    one piece holds several full-size copies, and the blur's convolution a buffer of kernel-width times
+    that)."""
+    n = levels[0].shape[0]
+    maps = torch.empty((n, size, size), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        maps[part] = gaussian_blur(sum(_upsample(level[part].float(), size) for level in levels), sigma).cpu()
+    return maps
+
+
 @dataclass(frozen=True)
 class MapStatistics:
     """What map 1 takes from the whole set of a class: the per-level maximum logp and the maximum of
@@ -180,17 +195,9 @@ def standardized_maps(terms: Sequence[Sequence[torch.Tensor]], size: int = 224, 
     mean and std over the set's positions, up-sampled and summed over terms and levels, then
     Gaussian-smoothed.  ``statistics``: the whole set's, when ``terms`` are a part of it."""
     statistics = statistics or standardized_statistics([terms])
-    n = terms[0][0].shape[0]
-    maps = torch.empty((n, size, size), dtype=torch.float32)
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        total = 0.0
-        for level in range(len(terms[0])):
-            z = sum((term[level][part] - moments.mean[level]) / moments.std[level]
-                    for term, moments in zip(terms, statistics))
-            total = total + _upsample(z.float(), size)
-        maps[part] = gaussian_blur(total, sigma).cpu()
-    return maps
+    z = [sum((term[level] - moments.mean[level]) / moments.std[level] for term, moments in zip(terms, statistics))
+         for level in range(len(terms[0]))]
+    return summed_level_maps(z, size=size, sigma=sigma, chunk=chunk)
 
 
 @torch.no_grad()

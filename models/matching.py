@@ -7,8 +7,9 @@ cut to its first k shots.
 
 A :class:`Matcher` finds, for every query row, the bank row of highest cosine
 similarity (ties to the first row, as ``argmax``), exactly, for one bank or for
-every prefix of k shots of a bank at once.  Its tuning (tile sizes, block
-budget, an approximate similarity dtype) is a constructor argument.
+every prefix of k shots of a bank at once; the same search finds the nearest row in
+Euclidean distance (:meth:`Matcher.nearest_euclidean_by_shots`, the kNN baseline's).  Its
+tuning (tile sizes, block budget, an approximate similarity dtype) is a constructor argument.
 """
 from __future__ import annotations
 
@@ -227,6 +228,26 @@ class Matcher:
         rows_per_shot = bank_normalized.shape[0] // num_shots
         indices = self.similarity_argmax(F.normalize(queries, dim=1), bank_normalized.t(),
                                          [k * rows_per_shot for k in wanted])
+        return dict(zip(wanted, indices))
+
+    def nearest_euclidean_by_shots(self, queries: torch.Tensor, bank_rows: torch.Tensor, num_shots: int,
+                                   shots: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """For every k in ``shots``, the index of the bank row nearest in Euclidean distance to each query
+        row among the first k shots of ``bank_rows`` (``num_shots`` images of equal size, image-major).
+
+        The same tiled search as :meth:`nearest_by_shots`, on augmented rows: ``[q, 1] . [b, -|b|^2 / 2]
+        = q.b - |b|^2 / 2 = (|q|^2 - |q - b|^2) / 2``, so per query the largest product is the smallest
+        distance (``|q|^2`` is constant along a row).  Ties in the computed products go to the first row.
+        """
+        wanted = sorted(set(int(k) for k in shots))
+        if not wanted or wanted[0] < 1 or wanted[-1] > num_shots:
+            raise ValueError(f"shots {list(shots)} must lie in 1..{num_shots}")
+        rows_per_shot = bank_rows.shape[0] // num_shots
+        bank_rows = bank_rows[: wanted[-1] * rows_per_shot].float()
+        half_norms = bank_rows.double().square().sum(dim=1).mul(-0.5).float()
+        bank_t = torch.cat([bank_rows, half_norms[:, None]], dim=1).t()
+        augmented = torch.cat([queries.float(), queries.new_ones((queries.shape[0], 1), dtype=torch.float32)], dim=1)
+        indices = self.similarity_argmax(augmented, bank_t, [k * rows_per_shot for k in wanted])
         return dict(zip(wanted, indices))
 
     def match(self, features: Sequence[torch.Tensor], bank: ReferenceBank) -> List[torch.Tensor]:

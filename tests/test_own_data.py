@@ -14,7 +14,7 @@ from datasets import NORMAL, Sample, custom_setting, dataset_classes, evaluation
 from datasets.anomaly_source import SyntheticAnomalyDataset, choose_anomaly_source
 from datasets.defects import DEFECT_FAMILIES, defect_region, foreground_estimate, synthesize_anomaly
 from models.knn_baseline import knn_anomaly_maps, knn_level_maps, nearest_distances
-from models.matching import ReferenceBank
+from models.matching import Matcher, ReferenceBank
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_nearest_distances_match_brute_force():
     bank = torch.randn(700, 24, generator=gen) * 3
     queries = torch.cat([torch.randn(300, 24, generator=gen) * 3, bank[:20] + 1e-3])
     brute = torch.cdist(queries.double(), bank.double()).min(dim=1).values
-    got = nearest_distances(queries, bank, block=128)
+    got = nearest_distances(queries, bank, Matcher(tiles={"cpu": (2 ** 12, 128)}))
     assert torch.allclose(got.double(), brute, rtol=1e-5, atol=1e-5)
     assert torch.allclose(nearest_distances(bank[:5], bank), torch.zeros(5))
 
@@ -181,7 +181,7 @@ def test_knn_maps_match_a_direct_computation():
     features = [torch.randn(2, 8, 6, 6, generator=gen), torch.randn(2, 16, 3, 3, generator=gen)]
     refs = [torch.randn(3, 8, 6, 6, generator=gen), torch.randn(3, 16, 3, 3, generator=gen)]
     bank = ReferenceBank.from_features(refs)
-    levels = knn_level_maps(features, bank)
+    levels = knn_level_maps(features, bank)[3]
     for f, r, m in zip(features, refs, levels):
         rows = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]).double()
         for b, y, x in [(0, 0, 0), (1, 2, 1), (1, f.shape[2] - 1, f.shape[3] - 1)]:

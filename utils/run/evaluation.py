@@ -94,14 +94,13 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
     maps = {(g, k): LevelScores(*([[] for _ in levels] for _ in LevelScores._fields))
             for g in range(len(group_banks)) for k in config.shots}
     labels, masks = [], []
-    knn = KnnAccumulator(knn_shots) if knn_shots is not None else None
-    knn_banks = {k: group_banks[0].take(k) for k in knn.levels} if knn is not None else {}
+    knn = KnnAccumulator(knn_shots, model.matcher) if knn_shots is not None else None
     loader = make_loader(samples, extractor, config.batch_size, num_workers)
     for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"eval {class_name}",
                       leave=False, dynamic_ncols=True):
         features = extractor(batch["image"].to(device, non_blocking=True))
         if knn is not None:
-            knn.add(features, knn_banks)
+            knn.add(features, group_banks[0])
         for g, bank in enumerate(group_banks):
             for k, outputs in model.forward_shots(features, bank, config.shots).items():
                 for kept, batch_maps in zip(maps[g, k], outputs):

@@ -42,12 +42,11 @@ def knn_metrics(extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
     results: Dict[int, Dict[str, Dict[str, float]]] = {k: {} for k in config.shots}
     for class_name, samples in test_sets.items():
         knn = KnnAccumulator(config.shots)
-        views = {k: banks[class_name].take(k) for k in config.shots}
         labels, masks = [], []
         loader = make_loader(samples, extractor, config.batch_size, num_workers)
         for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"kNN {class_name}", leave=False,
                           dynamic_ncols=True):
-            knn.add(extractor(batch["image"].to(device)), views)
+            knn.add(extractor(batch["image"].to(device)), banks[class_name])
             labels.append(batch["label"].numpy())
             masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
         for k in config.shots:
