@@ -4,6 +4,7 @@
     python benchmarks/eval_speed.py --compare              # + the previous implementation (per stage), same run,
                                                            #   results compared
     python benchmarks/eval_speed.py --shots 2 4 6 8        # + the sweep's time over a 4-shot-only evaluation
+    python benchmarks/eval_speed.py --knn_only             # the kNN baseline alone, over ResAD's evaluation
     python benchmarks/eval_speed.py --backbone wide_resnet50_2 --random_weights --device cuda --images 1000
 
 The evaluation is the real code path (``utils.run.evaluation.evaluate``): image loading,
@@ -13,7 +14,10 @@ randomly initialised (speed does not depend on training).  The backbone figure
 is image loading + the extractor's forward pass over the same loader.
 Prints the per-stage table (seconds, multiply-accumulates counted on one batch
 and scaled, GMAC/s, share of the machine's dense ``torch.mm`` rate measured in
-the same run), images/s of both, their ratio and the peak memory.
+the same run), images/s of both, their ratio and the peak memory.  ``--knn_only`` times the
+training-free baseline alone (``utils.run.knn.knn_metrics``, the path of ``--baseline knn``:
+loading, backbone, nearest-neighbour search, maps, metrics) per stage, prints its peak memory
+(before anything else runs), then ResAD's evaluation of the same images and the ratio of the two.
 """
 from __future__ import annotations
 
@@ -56,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="also time the previous implementation (benchmarks/legacy.py: matching, VQ, EFDM, "
                              "flow position tables) per stage in the same run and check the metrics are identical")
+    parser.add_argument("--knn_only", action="store_true",
+                        help="time the kNN baseline alone (the path of --baseline knn), its peak memory, and its "
+                             "time over ResAD's evaluation of the same images")
     add_training_arguments(parser)
     parser.set_defaults(backbone=OFFLINE_BACKBONE, num_workers=min(4, os.cpu_count() or 1))
     return parser.parse_args(argv)
@@ -102,9 +109,12 @@ def main(argv=None) -> None:
         sync()
         return time.perf_counter() - start, results
 
+    one_batch = {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}
+    if args.knn_only:
+        knn_versus_resad(run, extractor, test_sets, banks, config.evaluation, args, device, shots, one_batch)
+        return
     # Multiply-accumulates of one batch (also the warm-up), then the timed runs.
     profile = StageProfile(device)
-    one_batch = {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}
     with profile.listen():
         profile.counting = True
         run(shots, sets=one_batch)
@@ -137,6 +147,34 @@ def backbone_seconds(extractor, test_sets, args, device, sync) -> float:
             extractor(batch["image"].to(device))
     sync()
     return time.perf_counter() - start
+
+
+def knn_versus_resad(run, extractor, test_sets, banks, config, args, device, shots, one_batch) -> None:
+    """``--knn_only``: the kNN baseline alone per stage (after a one-batch warm-up) and its peak memory,
+    then ResAD's evaluation of the same images (also warmed up) and the ratio of their times."""
+    from utils.run.knn import knn_metrics
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_images = sum(len(v) for v in test_sets.values())
+    knn_metrics(extractor, one_batch, banks, config, device, args.num_workers)
+    profile = StageProfile(device)
+    with profile.listen():
+        sync()
+        start = time.perf_counter()
+        knn_metrics(extractor, test_sets, banks, config, device, args.num_workers)
+        sync()
+        knn_s = time.perf_counter() - start
+    knn_peak = peak_memory_gib()
+    print(profile.table(knn_s, matmul_rate_gmacs(device), title=f"kNN baseline alone, {shots} shots"))
+    print(f"peak memory (RSS) after the kNN baseline: {knn_peak:.2f} GiB; load {load_average()}")
+    run(shots, sets=one_batch)
+    resad_s, _ = run(shots)
+    print(f"kNN baseline alone : {n_images / knn_s:8.2f} images/s ({knn_s:.1f} s)")
+    print(f"ResAD evaluation   : {n_images / resad_s:8.2f} images/s ({resad_s:.1f} s)")
+    print(f"ratio kNN/ResAD    : {knn_s / resad_s:8.2f}x")
+    print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB (both)"
+          + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+    print(f"load average after : {load_average()}")
 
 
 def compare_previous(run, model, profile, rate, scale, shots, classes, device) -> None:
