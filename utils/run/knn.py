@@ -18,7 +18,7 @@ from utils.report.results import summary_line, write_knn_only
 from utils.run.config import EvalConfig, RunConfig
 from utils.run.loaders import make_loader
 from utils.run.preflight import KNN, prepare
-from utils.stages import staged
+from utils.stages import stage, staged
 
 
 def evaluate_baseline(config: RunConfig, extractor: Optional[FeatureExtractor] = None) -> Dict[int, pd.DataFrame]:
@@ -51,7 +51,8 @@ def knn_metrics(extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
             masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
         for k in config.shots:
             maps = knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
-            results[k][class_name] = compute_metrics(maps, np.concatenate(labels), np.concatenate(masks),
-                                                     image_scores(maps, config.image_score).numpy(),
-                                                     compute_aupro=config.aupro)
+            with stage("metrics (incl. AUPRO)"):
+                results[k][class_name] = compute_metrics(maps, np.concatenate(labels), np.concatenate(masks),
+                                                         image_scores(maps, config.image_score).numpy(),
+                                                         compute_aupro=config.aupro)
     return results
