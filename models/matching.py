@@ -1,4 +1,4 @@
-"""Reference banks and the nearest-reference search (docs/method.md §2.3, §2.4, §7).
+"""Reference banks and the nearest-reference search (docs/method.md §2.3, §2.4, §6, §7).
 
 A :class:`ReferenceBank` holds, per feature level, the features of the k normal
 reference images of one class flattened to a (k*H*W, C) matrix, image-major:
