@@ -411,7 +411,8 @@ def compute_metrics(
     Returns:
         Dict with exactly the keys of :data:`METRIC_NAMES` (in that order) and
         python float values; a metric that is undefined for the data (a class
-        missing among the labels or the pixels) is nan.
+        missing among the labels or the pixels, e.g. every pixel metric of
+        images labelled without masks) is nan.
     """
     anomaly_maps = np.asarray(anomaly_maps)
     masks = np.asarray(masks)
@@ -430,6 +431,11 @@ def compute_metrics(
     results = image_metrics(labels, image_scores)
 
     gt = masks.astype(bool, copy=False).reshape(-1)  # no copy for bool masks
+    if not gt.any():  # no anomalous pixel (e.g. image labels only): every pixel metric is nan, no sort needed
+        if np.isnan(anomaly_maps).any():
+            raise ValueError("anomaly scores contain NaN")
+        results.update(dict.fromkeys((m for m in METRIC_NAMES if m.startswith("Pixel")), _NAN))
+        return {name: float(results[name]) for name in METRIC_NAMES}
     pos_region_ids = None
     if compute_aupro:
         # Keep only the anomalous pixels' ids so the full int32 label image is
