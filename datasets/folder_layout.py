@@ -108,10 +108,8 @@ class FolderLayout:
                        class_name=class_name)
                 for path in list_image_files(self._image_folder(class_dir, split, defect_type))]
 
-    def _expected_mask(self, class_dir: str, image_path: str) -> str:
+    def _expected_mask(self, class_dir: str, defect_type: str, image_path: str) -> str:
         stem = os.path.splitext(os.path.basename(image_path))[0]
-        defect_type = os.path.basename(os.path.dirname(image_path) if not self.image_subdir
-                                       else os.path.dirname(os.path.dirname(image_path)))
         return os.path.join(class_dir, self.mask_pattern.format(type=defect_type, stem=stem))
 
     def _mask_files(self, class_dir: str, defect_type: str, image_path: str) -> tuple[str, ...]:
@@ -122,7 +120,8 @@ class FolderLayout:
         masks = tuple(sorted(path for path in matches if is_image_file(path) and os.path.isfile(path)))
         if not masks and not self.masks_optional:
             raise UserError(f"no ground-truth mask for {image_path} (expected "
-                            f"{self._expected_mask(class_dir, image_path)}); add the mask or remove the image")
+                            f"{self._expected_mask(class_dir, defect_type, image_path)}); add the mask or remove "
+                            "the image")
         return masks
 
     def _check_masks_all_or_none(self, class_dir: str, class_name: str, samples: list[Sample]) -> None:
@@ -131,7 +130,9 @@ class FolderLayout:
         unmasked = [s for s in anomalous if not s.masks]
         if unmasked and len(unmasked) < len(anomalous):
             image = unmasked[0].image
-            raise UserError(f"no ground-truth mask for {image} (expected {self._expected_mask(class_dir, image)}), "
+            folder = os.path.dirname(os.path.dirname(image) if self.image_subdir else image)
+            expected = self._expected_mask(class_dir, os.path.basename(folder), image)
+            raise UserError(f"no ground-truth mask for {image} (expected {expected}), "
                             f"but {len(anomalous) - len(unmasked)} other anomalous images of class '{class_name}' "
-                            f"have masks; add the masks of all {len(unmasked)} without one, or remove every mask "
-                            "of the class to evaluate it on image labels only")
+                            f"have masks; add the missing masks ({len(unmasked)} of {len(anomalous)} images lack "
+                            "one), or remove every mask of the class to evaluate it on image labels only")
