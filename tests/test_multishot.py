@@ -214,7 +214,7 @@ def test_multi_shot_script_writes_the_per_k_layout(trained):
     ckpt = torch.load(trained / "demo_2shot" / "demo_2shot_latest.pth", weights_only=False)
     assert ckpt["trained_on"] == {"setting": "demo", "source": "demo", "seen_classes": list(DEMO_SEEN),
                                   "backbone": OFFLINE_BACKBONE, "channels": [24, 40, 112],
-                                  "layers": [1, 2, 3], "feature_levels": 3}
+                                  "layers": [1, 2, 3], "feature_levels": 3, "resize": "crop"}
 
 
 def test_eval_only_reproduces_the_training_run_metrics(demo, trained, tmp_path):
