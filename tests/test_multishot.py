@@ -249,6 +249,9 @@ def test_eval_only_refuses_mismatches_in_one_line(demo, trained, tmp_path):
     meta_path.write_text(json.dumps(dict(meta, backbone="wide_resnet50_2")))
     with pytest.raises(UserError, match=f"wide_resnet50_2, but --checkpoint .* --backbone {OFFLINE_BACKBONE}"):
         main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--test_ref_feature_dir", other))
+    with pytest.raises(UserError, match=r"--checkpoint .*: the model was trained with --resize crop, this run "
+                                        r"uses --resize full; pass --resize crop"):
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--resize", "full"))
     with pytest.raises(UserError, match=r"--shots 3: .* holds only 2 shots"):
         main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--shots", "1", "3"))
     with pytest.raises(UserError, match="--eval_only: give the trained model with --checkpoint"):
