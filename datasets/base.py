@@ -45,7 +45,7 @@ class Sample:
 
 def has_pixel_labels(samples: Sequence[Sample]) -> bool:
     """False when ``samples`` hold anomalous images and none of them has a mask: the images are
-    labelled, not their pixels, so only image metrics can be computed."""
+    labelled, not their pixels, so only image metrics can be computed (docs/method.md §5.5)."""
     anomalous = [s for s in samples if s.label]
     return not anomalous or any(s.masks for s in anomalous)
 

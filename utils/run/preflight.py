@@ -99,8 +99,8 @@ def _checkpoint_to_evaluate(path: Optional[str], setting: Setting, resize: str) 
 
 
 def report_test_sets(test_sets: Dict[str, List[Sample]], resize: str, size: int) -> None:
-    """Print a line per class evaluated on image labels only (no masks), and per class whose annotated
-    defects the center crop (``resize`` "crop") cuts into (:func:`datasets.resize.crop_losses`)."""
+    """Print a line per class evaluated on image labels only (no masks, docs/method.md §5.5), and per class
+    whose annotated defects the center crop (``resize`` "crop") cuts into (§2.1, :func:`datasets.resize.crop_losses`)."""
     for class_name, samples in test_sets.items():
         if not has_pixel_labels(samples):
             print(f"{class_name}: its anomalous test images have no pixel masks, so it is evaluated on image "
