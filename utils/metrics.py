@@ -430,12 +430,18 @@ def compute_metrics(
         image_scores = anomaly_maps.max(axis=(1, 2))
     results = image_metrics(labels, image_scores)
 
+    results.update(_pixel_results(anomaly_maps, masks, compute_aupro, pro_fpr_limit))
+    return {name: float(results[name]) for name in METRIC_NAMES}
+
+
+def _pixel_results(anomaly_maps: np.ndarray, masks: np.ndarray, compute_aupro: bool,
+                   pro_fpr_limit: float) -> dict[str, float]:
+    """The pixel metrics of :func:`compute_metrics` (arguments checked there)."""
     gt = masks.astype(bool, copy=False).reshape(-1)  # no copy for bool masks
     if not gt.any():  # no anomalous pixel (e.g. image labels only): every pixel metric is nan, no sort needed
         if np.isnan(anomaly_maps).any():
             raise ValueError("anomaly scores contain NaN")
-        results.update(dict.fromkeys((m for m in METRIC_NAMES if m.startswith("Pixel")), _NAN))
-        return {name: float(results[name]) for name in METRIC_NAMES}
+        return dict.fromkeys((m for m in METRIC_NAMES if m.startswith("Pixel")), _NAN)
     pos_region_ids = None
     if compute_aupro:
         # Keep only the anomalous pixels' ids so the full int32 label image is
@@ -444,5 +450,4 @@ def compute_metrics(
     scores = anomaly_maps.reshape(-1)
     if scores.dtype.kind not in "fiu":
         scores = scores.astype(np.float32)
-    results.update(_curve_metrics(_build_curve(scores, gt, pos_region_ids), pro_fpr_limit))
-    return {name: float(results[name]) for name in METRIC_NAMES}
+    return _curve_metrics(_build_curve(scores, gt, pos_region_ids), pro_fpr_limit)
