@@ -12,8 +12,8 @@ evaluation (prefix matching). Prints, per k, image AUROC, pixel AUROC, pixel AP 
 result (``resad``), of each single map it can fuse (``fused`` = the authors' map, ``normality``,
 ``abnormality``, ``standardized``) and of the training-free kNN baseline (``knn``), with the wall time
 and peak memory; ``--out FILE`` writes the table as CSV; ``--resize full`` feeds whole tiles (no crop).
-``--checkpoint`` evaluates a trained model
-instead of training one (e.g. another preset's maps on the same model).
+``--checkpoint`` evaluates a trained model instead of training one (e.g. another preset's maps on the
+same model).
 """
 from __future__ import annotations
 
