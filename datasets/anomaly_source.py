@@ -21,8 +21,8 @@ from utils.errors import UserError
 from .base import ANOMALOUS, AnomalyDataset, Sample
 from .defects import DEFECT_FAMILIES, synthesize_anomaly
 from .image_io import read_image
-from .resize import DEFAULT_RESIZE, geometry
 from .registry import Setting, training_samples
+from .resize import DEFAULT_RESIZE, geometry
 
 ANOMALY_SOURCES = ("real", "synthetic", "mixed")
 
