@@ -7,7 +7,7 @@ r"""Encode the few-shot normal reference images of a dataset for testing.
         --few_shot_dir ./data/4shot/mvtec --save_dir ./ref_features/imagebind/mvtec_4shot
 
 writes <save_dir>/<class>/layer1.npy ... layerN.npy, one per feature level (float32,
-(k*H*W, C), image-major) and meta.json (backbone, its layers, image files).
+(k*H*W, C), image-major) and meta.json (backbone, its layers, --amp, --resize, image files).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 
 from utils.atomic import check_writable
 from utils.cli.adapters import backbone_config
-from utils.cli.options import Parser, add_amp_argument, add_backbone_arguments, at_least
+from utils.cli.options import Parser, add_amp_argument, add_backbone_arguments, add_resize_argument, at_least
 from utils.errors import run_cli
 from utils.run.extraction import extract_reference_features, reference_files
 from utils.runtime import resolve_device, tune_cpu_allocator
@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all of the dataset)")
     add_backbone_arguments(parser)
     add_amp_argument(parser)
+    add_resize_argument(parser)
     parser.add_argument("--batch_size", type=at_least(1), default=8)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)

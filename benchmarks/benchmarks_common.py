@@ -8,12 +8,12 @@ from typing import Dict, List, Tuple
 import torch
 
 from datasets import DEMO_SEEN, Sample, generate_demo_dataset, list_fewshot_images
-from models.extractor import CNNExtractor, FeatureExtractor, set_amp
+from models.extractor import CNNExtractor, FeatureExtractor, set_amp, set_resize
 from utils.cli.adapters import backbone_config
 
 
 def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:
-    """The backbone of ``--backbone`` (``--amp`` applied); with ``--random_weights`` any timm CNN, built offline."""
+    """The backbone of ``--backbone`` (``--amp`` and ``--resize`` applied); with ``--random_weights`` any timm CNN, built offline."""
     if not args.random_weights:
         extractor = backbone_config(args).build(device)
     else:
@@ -23,7 +23,7 @@ def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) ->
         model = timm.create_model(args.backbone, features_only=True, out_indices=tuple(range(1, levels + 1)),
                                   pretrained=False)
         extractor = CNNExtractor(model, args.backbone).to(device)
-    set_amp(extractor, args.amp)
+    set_resize(set_amp(extractor, args.amp), args.resize)
     return extractor
 
 

@@ -11,8 +11,9 @@ real defects and pixel masks; no model saw it), with k = 1, 2, 4 and 8 of its 8 
 evaluation (prefix matching). Prints, per k, image AUROC, pixel AUROC, pixel AP and AUPRO of ResAD's
 result (``resad``), of each single map it can fuse (``fused`` = the authors' map, ``normality``,
 ``abnormality``, ``standardized``) and of the training-free kNN baseline (``knn``), with the wall time
-and peak memory; ``--out FILE`` writes the table as CSV. ``--checkpoint`` evaluates a trained model
-instead of training one (e.g. another preset's maps on the same model).
+and peak memory; ``--out FILE`` writes the table as CSV; ``--resize full`` feeds whole tiles (no crop).
+``--checkpoint`` evaluates a trained model instead of training one (e.g. another preset's maps on the
+same model).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import pandas as pd
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
+from models.extractor import OFFLINE_BACKBONE, build_extractor, set_resize  # noqa: E402
 from utils.atomic import save_csv  # noqa: E402
 from utils.cli.adapters import run_config, shot_names  # noqa: E402
-from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.cli.options import Parser, add_resize_argument, add_training_arguments  # noqa: E402
 from utils.cli.presets import PRESETS, parse_with_presets, preset_line  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.formats import checkpoint  # noqa: E402
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default=None, help="evaluate this trained model instead of training")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
+    add_resize_argument(parser)
     parser.add_argument("--out", default=None, help="also write the table as CSV to this file")
     return parser.parse_args(argv)
 
@@ -67,8 +69,8 @@ def training_argv(args, refs: str) -> list:
             "--target_dataset", "folder", "--test_dataset_dir", args.target_dir, "--test_ref_feature_dir", refs,
             "--anomaly_source", "synthetic", "--backbone", OFFLINE_BACKBONE, "--epochs", str(args.epochs),
             "--eval_freq", str(args.epochs), "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device,
-            "--seed", str(args.seed), "--checkpoint_path", os.path.join(args.work_dir, args.preset),
-            "--preset", args.preset, "--shots", *map(str, args.shots)]
+            "--seed", str(args.seed), "--checkpoint_path", os.path.join(args.work_dir, args.preset + _suffix(args)),
+            "--preset", args.preset, "--resize", args.resize, "--shots", *map(str, args.shots)]
     return argv + (["--eval_only", "--checkpoint", args.checkpoint] if args.checkpoint else [])
 
 
@@ -89,8 +91,8 @@ def main(argv=None) -> None:
     tune_cpu_allocator()
     started = time.time()
     device = resolve_device(args.device)
-    extractor = build_extractor(OFFLINE_BACKBONE, device=device)
-    refs = os.path.join(args.work_dir, f"refs_{max(args.shots)}shot")
+    extractor = set_resize(build_extractor(OFFLINE_BACKBONE, device=device), args.resize)
+    refs = os.path.join(args.work_dir, f"refs_{max(args.shots)}shot{_suffix(args)}")
     extract_reference_features("folder", args.target_dir, refs, extractor, shots=max(args.shots))
     parser = add_training_arguments(Parser(), shots_flag="--shots")
     train_args = parse_with_presets(parser, training_argv(args, refs), demo=False)
@@ -110,6 +112,11 @@ def main(argv=None) -> None:
     if args.out:
         save_csv(args.out, table, float_format="%.4f")
         print(f"written to {args.out}")
+
+
+def _suffix(args) -> str:
+    """What the work folders of a --resize full run are told apart by (crop keeps the plain names)."""
+    return "" if args.resize == "crop" else f"_{args.resize}"
 
 
 def _epoch_of(args) -> int:

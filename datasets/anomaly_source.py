@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from utils.errors import UserError
@@ -23,6 +22,7 @@ from .base import ANOMALOUS, AnomalyDataset, Sample
 from .defects import DEFECT_FAMILIES, synthesize_anomaly
 from .image_io import read_image
 from .registry import Setting, training_samples
+from .resize import DEFAULT_RESIZE, geometry
 
 ANOMALY_SOURCES = ("real", "synthetic", "mixed")
 
@@ -38,9 +38,9 @@ class SyntheticAnomalyDataset(AnomalyDataset):
 
     def __init__(self, samples: Sequence[Sample], image_size: int = 224, mean=None, std=None,
                  fraction: float = 0.5, families: Sequence[str] = tuple(DEFECT_FAMILIES), seed: int = 0,
-                 use_foreground: bool = True):
+                 use_foreground: bool = True, resize: str = DEFAULT_RESIZE):
         kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-        super().__init__(samples, image_size=image_size, **kwargs)
+        super().__init__(samples, image_size=image_size, resize=resize, **kwargs)
         unknown = [f for f in families if f not in DEFECT_FAMILIES]
         if unknown or not families:
             raise UserError(f"--synthetic_defects: unknown family {', '.join(unknown) or '(none given)'}; "
@@ -49,9 +49,7 @@ class SyntheticAnomalyDataset(AnomalyDataset):
         self.use_foreground = use_foreground
         self.epoch = 0
         self.normal_indices = np.flatnonzero([not s.label for s in self.samples])
-        self.geometry = transforms.Compose([
-            transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size)])
+        self.geometry = geometry(image_size, resize, InterpolationMode.BICUBIC)
         self.normalize = self.image_transform.transforms[-1]
 
     def set_epoch(self, epoch: int) -> None:
@@ -103,6 +101,12 @@ def choose_anomaly_source(requested: Optional[str], setting: Setting, root: str)
                 raise UserError(f"--anomaly_source {requested}: the seen classes of {setting.source} have no "
                                 f"anomalous test images; use --anomaly_source synthetic")
             real, why = None, "the source has no anomalous test images"
+        elif any(s.label and not s.masks for s in real):  # image labels only: stage 2 needs masks
+            unmasked = next(s.image for s in real if s.label and not s.masks)
+            if requested in ("real", "mixed"):
+                raise UserError(f"--anomaly_source {requested}: anomalous test images of the seen classes have no "
+                                f"pixel masks (e.g. {unmasked}); use --anomaly_source synthetic")
+            real, why = None, "the source's anomalous test images have no pixel masks"
     chosen = requested if requested in ANOMALY_SOURCES else ("real" if real is not None else "synthetic")
     if requested in ANOMALY_SOURCES:
         why = "as asked"

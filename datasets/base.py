@@ -16,6 +16,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from .image_io import read_image, read_mask
+from .resize import DEFAULT_RESIZE, geometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,32 +43,38 @@ class Sample:
     class_name: str
 
 
+def has_pixel_labels(samples: Sequence[Sample]) -> bool:
+    """False when ``samples`` hold anomalous images and none of them has a mask: the images are
+    labelled, not their pixels, so only image metrics can be computed (docs/method.md §5.5)."""
+    anomalous = [s for s in samples if s.label]
+    return not anomalous or any(s.masks for s in anomalous)
+
+
 class AnomalyDataset(Dataset):
     """Images, ground-truth masks and labels of a list of samples.
 
-    Pre-processing: the short side is resized to ``image_size`` (bicubic for
-    images, nearest for masks), then both are center-cropped to
-    ``image_size`` x ``image_size``; images are normalized with ``mean`` and
-    ``std``, masks binarized to {0, 1}.
+    Pre-processing (:mod:`datasets.resize`): with ``resize="crop"`` the short side
+    is resized to ``image_size`` (bicubic for images, nearest for masks), then
+    both are center-cropped to ``image_size`` x ``image_size``; with
+    ``resize="full"`` both are resized whole to that square.  Images are
+    normalized with ``mean`` and ``std``, masks binarized to {0, 1}.
 
     Each item is a dict with ``image`` (float32, 3xSxS), ``mask`` (float32,
     1xSxS), ``label`` (int), ``class_name`` (str) and ``path`` (str).
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int = 224,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 resize: str = DEFAULT_RESIZE):
         self.samples = list(samples)
         self.image_size = image_size
+        self.resize = resize
         self.image_transform = transforms.Compose([
-            transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
+            *geometry(image_size, resize, InterpolationMode.BICUBIC).transforms,
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ])
-        self.mask_transform = transforms.Compose([
-            transforms.Resize(image_size, interpolation=InterpolationMode.NEAREST),
-            transforms.CenterCrop(image_size),
-        ])
+        self.mask_transform = geometry(image_size, resize, InterpolationMode.NEAREST)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -46,6 +46,9 @@ class FolderLayout:
         image_subdir: sub-folder of each type folder that holds the images
             (``"rgb"`` for MVTec 3D-AD; empty otherwise).
         has_train_split: False for test-only datasets (BraTS).
+        masks_optional: a class whose anomalous test images have no masks at all is
+            labelled per image only (its samples have empty ``masks``); a class where
+            only some lack them is still an error (the user's own folders).
     """
 
     title: str
@@ -54,6 +57,7 @@ class FolderLayout:
     mask_pattern: str
     image_subdir: str = ""
     has_train_split: bool = True
+    masks_optional: bool = False
 
     def list_samples(self, root: str, class_name: str, split: str,
                      hint: str = DEFAULT_HINT) -> list[Sample]:
@@ -85,6 +89,8 @@ class FolderLayout:
         types = [self.normal_type] if split == "train" else list_subfolders(expected)
         samples = [sample for defect_type in types
                    for sample in self._samples_of_type(class_dir, class_name, split, defect_type)]
+        if self.masks_optional:
+            self._check_masks_all_or_none(class_dir, class_name, samples)
         if not samples:
             raise UserError(f"no {split} images for class '{class_name}' in {expected} "
                             f"({self.title} layout: {LAYOUTS[self.layout].description}); check {hint}")
@@ -102,14 +108,31 @@ class FolderLayout:
                        class_name=class_name)
                 for path in list_image_files(self._image_folder(class_dir, split, defect_type))]
 
+    def _expected_mask(self, class_dir: str, defect_type: str, image_path: str) -> str:
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        return os.path.join(class_dir, self.mask_pattern.format(type=defect_type, stem=stem))
+
     def _mask_files(self, class_dir: str, defect_type: str, image_path: str) -> tuple[str, ...]:
-        """The mask files of an anomalous image; UserError if there are none."""
+        """The mask files of an anomalous image; UserError if there are none (unless masks are optional)."""
         stem = os.path.splitext(os.path.basename(image_path))[0]
         pattern = self.mask_pattern.format(type=glob.escape(defect_type), stem=glob.escape(stem))
         matches = glob.glob(os.path.join(glob.escape(class_dir), pattern))
         masks = tuple(sorted(path for path in matches if is_image_file(path) and os.path.isfile(path)))
-        if not masks:
-            expected = os.path.join(class_dir, self.mask_pattern.format(type=defect_type, stem=stem))
-            raise UserError(f"no ground-truth mask for {image_path} (expected {expected}); "
-                            f"add the mask or remove the image")
+        if not masks and not self.masks_optional:
+            raise UserError(f"no ground-truth mask for {image_path} (expected "
+                            f"{self._expected_mask(class_dir, defect_type, image_path)}); add the mask or remove "
+                            "the image")
         return masks
+
+    def _check_masks_all_or_none(self, class_dir: str, class_name: str, samples: list[Sample]) -> None:
+        """UserError when some, but not all, anomalous images of a class have masks (naming the first without)."""
+        anomalous = [s for s in samples if s.label]
+        unmasked = [s for s in anomalous if not s.masks]
+        if unmasked and len(unmasked) < len(anomalous):
+            image = unmasked[0].image
+            folder = os.path.dirname(os.path.dirname(image) if self.image_subdir else image)
+            expected = self._expected_mask(class_dir, os.path.basename(folder), image)
+            raise UserError(f"no ground-truth mask for {image} (expected {expected}), "
+                            f"but {len(anomalous) - len(unmasked)} other anomalous images of class '{class_name}' "
+                            f"have masks; add the missing masks ({len(unmasked)} of {len(anomalous)} images lack "
+                            "one), or remove every mask of the class to evaluate it on image labels only")

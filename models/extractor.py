@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from datasets.base import IMAGENET_MEAN, IMAGENET_STD
+from datasets.resize import DEFAULT_RESIZE, check_resize
 from utils.errors import UserError
 from utils.stages import stage
 
@@ -36,6 +37,8 @@ OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 IMAGEBIND_BACKBONE = "imagebind_huge"
 DEFAULT_LEVELS = {"cnn": 3, "vit": 4}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}  # --amp: the backbone's autocast dtype
+# What a record (reference meta.json, checkpoint trained_on) written before a field existed means by it.
+RECORD_DEFAULTS = {"amp": "none", "resize": DEFAULT_RESIZE}
 # timm modules whose models are plain ViTs (patch tokens of every block, forward_intermediates)
 VIT_MODULES = ("vision_transformer", "eva", "deit", "beit")
 
@@ -63,6 +66,7 @@ class FeatureExtractor(nn.Module):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 (--amp bf16)
+        self.resize = DEFAULT_RESIZE  # how images become the S x S input (--resize, datasets.resize)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # The extractor is frozen: BatchNorm statistics must never be updated.
@@ -84,18 +88,19 @@ class FeatureExtractor(nn.Module):
         """What a file of reference features must agree with."""
         precision = {v: k for k, v in AMP_DTYPES.items()}.get(self.autocast_dtype, str(self.autocast_dtype))
         return {"backbone": self.name, "kind": self.kind, "layers": self.layers, "channels": self.channels,
-                "amp": precision, "feature_sizes": [list(s) for s in self.feature_sizes],
+                "amp": precision, "resize": self.resize, "feature_sizes": [list(s) for s in self.feature_sizes],
                 "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
-def backbone_mismatch(record: dict, wanted: dict, keys: Sequence[str] = ("backbone", "layers", "channels", "amp")
-                      ) -> Optional[str]:
+def backbone_mismatch(record: dict, wanted: dict,
+                      keys: Sequence[str] = ("backbone", "layers", "channels", "amp", "resize")) -> Optional[str]:
     """The first of ``keys`` on which a recorded backbone (a reference ``meta.json``, a checkpoint's
     ``trained_on``) differs from ``wanted`` (a :meth:`FeatureExtractor.describe`); None when they agree.
-    A key absent from either side is not compared; a missing ``amp`` reads as "none"."""
+    A key absent from either side is not compared, except those of :data:`RECORD_DEFAULTS`: a record
+    without ``amp`` reads as "none", one without ``resize`` as "crop"."""
     for key in keys:
-        if key == "amp":
-            if "amp" in wanted and record.get("amp", "none") != wanted["amp"]:
+        if key in RECORD_DEFAULTS:
+            if key in wanted and record.get(key, RECORD_DEFAULTS[key]) != wanted[key]:
                 return key
         elif record.get(key) is not None and key in wanted and _plain(record[key]) != _plain(wanted[key]):
             return key
@@ -324,6 +329,13 @@ def set_amp(extractor: FeatureExtractor, amp: str) -> FeatureExtractor:
     return extractor
 
 
+def set_resize(extractor: FeatureExtractor, resize: str) -> FeatureExtractor:
+    """``--resize``: how the images this extractor reads become its square input (:mod:`datasets.resize`).
+    Recorded in :meth:`FeatureExtractor.describe`, so reference features must match it."""
+    extractor.resize = check_resize(resize)
+    return extractor
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which frozen backbone, which of its layers, and its precision (see :func:`build_extractor`)."""
@@ -332,11 +344,13 @@ class BackboneConfig:
     levels: Optional[int] = None         # CNN stages 1..N (default 3) or N evenly spaced ViT blocks (default 4)
     blocks: Optional[Tuple[int, ...]] = None  # ViT only: the 0-based blocks of the levels
     amp: str = "none"                    # "bf16": the backbone under bfloat16 autocast
+    resize: str = DEFAULT_RESIZE         # "full": whole images resized to the square input (datasets.resize)
 
     def check_paths(self) -> None:
         """Cheap checks of the files building needs (before anything is downloaded or built)."""
         check_weights_path(self.name, self.weights)
 
     def build(self, device: torch.device | str = "cpu") -> FeatureExtractor:
-        return build_extractor(self.name, self.weights, levels=self.levels, blocks=self.blocks, device=device,
-                               amp=self.amp)
+        extractor = build_extractor(self.name, self.weights, levels=self.levels, blocks=self.blocks, device=device,
+                                    amp=self.amp)
+        return set_resize(extractor, self.resize)

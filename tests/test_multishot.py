@@ -214,7 +214,7 @@ def test_multi_shot_script_writes_the_per_k_layout(trained):
     ckpt = torch.load(trained / "demo_2shot" / "demo_2shot_latest.pth", weights_only=False)
     assert ckpt["trained_on"] == {"setting": "demo", "source": "demo", "seen_classes": list(DEMO_SEEN),
                                   "backbone": OFFLINE_BACKBONE, "channels": [24, 40, 112],
-                                  "layers": [1, 2, 3], "feature_levels": 3}
+                                  "layers": [1, 2, 3], "feature_levels": 3, "resize": "crop"}
 
 
 def test_eval_only_reproduces_the_training_run_metrics(demo, trained, tmp_path):
@@ -249,6 +249,9 @@ def test_eval_only_refuses_mismatches_in_one_line(demo, trained, tmp_path):
     meta_path.write_text(json.dumps(dict(meta, backbone="wide_resnet50_2")))
     with pytest.raises(UserError, match=f"wide_resnet50_2, but --checkpoint .* --backbone {OFFLINE_BACKBONE}"):
         main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--test_ref_feature_dir", other))
+    with pytest.raises(UserError, match=r"--checkpoint .*: the model was trained with --resize crop, this run "
+                                        r"uses --resize full; pass --resize crop"):
+        main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--resize", "full"))
     with pytest.raises(UserError, match=r"--shots 3: .* holds only 2 shots"):
         main_extended_multi_shot.main(eval_args(demo, tmp_path, ckpt, "--shots", "1", "3"))
     with pytest.raises(UserError, match="--eval_only: give the trained model with --checkpoint"):

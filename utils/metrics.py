@@ -411,7 +411,8 @@ def compute_metrics(
     Returns:
         Dict with exactly the keys of :data:`METRIC_NAMES` (in that order) and
         python float values; a metric that is undefined for the data (a class
-        missing among the labels or the pixels) is nan.
+        missing among the labels or the pixels, e.g. every pixel metric of
+        images labelled without masks) is nan.
     """
     anomaly_maps = np.asarray(anomaly_maps)
     masks = np.asarray(masks)
@@ -429,7 +430,18 @@ def compute_metrics(
         image_scores = anomaly_maps.max(axis=(1, 2))
     results = image_metrics(labels, image_scores)
 
+    results.update(_pixel_results(anomaly_maps, masks, compute_aupro, pro_fpr_limit))
+    return {name: float(results[name]) for name in METRIC_NAMES}
+
+
+def _pixel_results(anomaly_maps: np.ndarray, masks: np.ndarray, compute_aupro: bool,
+                   pro_fpr_limit: float) -> dict[str, float]:
+    """The pixel metrics of :func:`compute_metrics` (arguments checked there)."""
     gt = masks.astype(bool, copy=False).reshape(-1)  # no copy for bool masks
+    if not gt.any():  # no anomalous pixel (e.g. image labels only): every pixel metric is nan, no sort needed
+        if np.isnan(anomaly_maps).any():
+            raise ValueError("anomaly scores contain NaN")
+        return dict.fromkeys((m for m in METRIC_NAMES if m.startswith("Pixel")), _NAN)
     pos_region_ids = None
     if compute_aupro:
         # Keep only the anomalous pixels' ids so the full int32 label image is
@@ -438,5 +450,4 @@ def compute_metrics(
     scores = anomaly_maps.reshape(-1)
     if scores.dtype.kind not in "fiu":
         scores = scores.astype(np.float32)
-    results.update(_curve_metrics(_build_curve(scores, gt, pos_region_ids), pro_fpr_limit))
-    return {name: float(results[name]) for name in METRIC_NAMES}
+    return _curve_metrics(_build_curve(scores, gt, pos_region_ids), pro_fpr_limit)

@@ -65,7 +65,7 @@ def choose_mode(args: argparse.Namespace, given: Set[str]) -> str:
 
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
     blocks = tuple(args.feature_blocks) if args.feature_blocks is not None else None
-    return BackboneConfig(args.backbone, args.backbone_weights, args.feature_levels, blocks, args.amp)
+    return BackboneConfig(args.backbone, args.backbone_weights, args.feature_levels, blocks, args.amp, args.resize)
 
 
 def run_config(args: argparse.Namespace, shots: Sequence[int], run_names: Mapping[int, str],

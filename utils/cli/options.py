@@ -13,6 +13,7 @@ from typing import Callable
 
 from datasets.anomaly_source import ANOMALY_SOURCES
 from datasets.defects import DEFECT_FAMILIES
+from datasets.resize import DEFAULT_RESIZE, RESIZE_MODES
 from models.anomaly_map import ANOMALY_MAP_RECIPES, IMAGE_SCORES
 from models.extractor import DEFAULT_BACKBONE, IMAGEBIND_BACKBONE
 from models.flow import FLOW_ARCHS
@@ -98,6 +99,14 @@ def add_amp_argument(group) -> None:
                             "same --amp as the run that uses them")
 
 
+def add_resize_argument(group) -> None:
+    """--resize (every script that reads images; recorded with the reference features and in checkpoints)."""
+    group.add_argument("--resize", default=DEFAULT_RESIZE, choices=list(RESIZE_MODES),
+                       help="crop (authors): resize the short side, then crop the center square, which cuts off "
+                            "the borders of non-square images; full: resize the whole image (and mask) to the "
+                            "square input. Extract the reference features with the same --resize as the run")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, shots_flag: str = "--num_ref_shot") -> argparse.ArgumentParser:
     """Every flag of the training scripts; ``shots_flag`` "--shots" (the multi-shot script) replaces
     --num_ref_shot by --shots (several numbers of reference shots)."""
@@ -142,6 +151,7 @@ def _add_data_arguments(data, shots_flag: str) -> None:
     data.add_argument("--synthetic_defects", nargs="+", default=list(DEFECT_FAMILIES), choices=list(DEFECT_FAMILIES),
                       help="synthetic defect families to draw")
     data.add_argument("--num_workers", type=at_least(0), default=default_workers(), help="data-loading processes")
+    add_resize_argument(data)
 
 
 def _add_run_arguments(run) -> None:

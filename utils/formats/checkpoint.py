@@ -5,7 +5,8 @@ plain values, so it opens with ``torch.load(weights_only=True)``:
 
 * ``format``: :data:`CHECKPOINT_FORMAT`;
 * ``model_config``: the :class:`models.resad.ModelConfig` of the model, field by field;
-* ``trained_on``: setting, source dataset, seen classes, backbone, channels, layers;
+* ``trained_on``: setting, source dataset, seen classes, backbone, channels, layers and the
+  pre-processing ``resize`` (absent from earlier checkpoints: "crop");
 * ``model``, ``trainer`` (optimizers, schedulers, BG-SPP boundaries), ``generator``,
   ``rng`` (all random states), ``epoch``, ``best``;
 * ``args``: the arguments of the run that wrote it, for the record only.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 
 from datasets import Setting, get_setting
-from models.extractor import FeatureExtractor, backbone_mismatch, is_vit
+from models.extractor import RECORD_DEFAULTS, FeatureExtractor, backbone_mismatch, is_vit
 from models.resad import ModelConfig
 from utils.errors import UserError
 from utils.safe_load import load_weights_only, save_weights_only
@@ -34,7 +35,8 @@ def trained_on(setting: Setting, extractor: FeatureExtractor) -> dict:
     """What a model is trained on, as plain values (checked by :func:`check_target`)."""
     return {"setting": setting.name, "source": setting.source, "seen_classes": list(setting.seen_classes),
             "backbone": extractor.name, "channels": [int(c) for c in extractor.channels],
-            "layers": [int(i) for i in extractor.layers], "feature_levels": len(extractor.channels)}
+            "layers": [int(i) for i in extractor.layers], "feature_levels": len(extractor.channels),
+            "resize": extractor.resize}
 
 
 def checkpoint_state(model, model_config: ModelConfig, record: dict, arguments: dict, **training) -> dict:
@@ -99,6 +101,7 @@ def check_resume(state: dict, path: str, setting: str, extractor: FeatureExtract
     if differs == "layers":
         raise UserError(f"--resume {path}: the checkpoint was trained on the backbone's layers {trained['layers']}, "
                         f"this run uses {extractor.layers}; pass the same --feature_levels / --feature_blocks")
+    check_resize(state, path, extractor.resize, "--resume")
     changed = model_config(state).differences(config)
     if changed:
         listed = ", ".join(f"--{name} {saved} (this run {now})" for name, (saved, now) in changed.items())
@@ -127,11 +130,22 @@ def check_target(state: dict, path: str, setting: Setting) -> dict:
 
 
 def check_extractor(state: dict, path: str, extractor: FeatureExtractor) -> None:
-    """UserError unless ``extractor`` is the backbone the checkpoint's model was trained on."""
+    """UserError unless ``extractor`` is the backbone the checkpoint's model was trained on, with its ``resize``."""
     trained = state["trained_on"]
     if backbone_mismatch(trained, {"backbone": extractor.name, "channels": extractor.channels}, ("backbone", "channels")):
         raise UserError(f"--checkpoint {path}: holds a model trained with --backbone {trained['backbone']} "
                         f"(channels {trained['channels']}), this run uses {extractor.name}; pass that --backbone")
+    check_resize(state, path, extractor.resize)
+
+
+def check_resize(state: dict, path: str, resize: str, flag: str = "--checkpoint") -> None:
+    """UserError unless the checkpoint's model was trained on images pre-processed with ``resize``
+    (``trained_on["resize"]``; "crop" for checkpoints written before it was recorded)."""
+    trained = state.get("trained_on", {})
+    if backbone_mismatch(trained, {"resize": resize}, ("resize",)):
+        made = trained.get("resize", RECORD_DEFAULTS["resize"])
+        raise UserError(f"{flag} {path}: the model was trained with --resize {made}, this run uses --resize "
+                        f"{resize}; pass --resize {made} (and reference features extracted with it)")
 
 
 def backbone_of(state: dict):

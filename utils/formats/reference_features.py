@@ -3,8 +3,10 @@
 ``<ref_dir>/<class>/layer1.npy ... layerN.npy``: one per feature level, float32,
 ``(k*H*W, C)`` image-major (docs/method.md §2.3, §9.3), so a bank of 8 shots serves
 any k <= 8; ``meta.json``: the backbone and its layers, channels, feature sizes,
-pre-processing and precision (``amp``), the images, the number of shots and the
-SHA-256 of each layer file.  The authors' files without ``meta.json`` load unchecked.
+pre-processing (normalisation, ``resize``) and precision (``amp``), the images, the
+number of shots and the SHA-256 of each layer file.  The authors' files without
+``meta.json`` load unchecked; a ``meta.json`` without ``amp`` or ``resize`` reads as
+written with "none" and "crop" (:data:`models.extractor.RECORD_DEFAULTS`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from models.extractor import backbone_mismatch
+from models.extractor import RECORD_DEFAULTS, backbone_mismatch
 from models.matching import ReferenceBank
 from utils.atomic import atomic_folder, ensure_dir, file_sha256
 from utils.errors import UserError
@@ -70,11 +72,11 @@ def read_meta(ref_dir: str, class_name: str, flag: str = FLAG) -> dict:
 
 def check_backbone(ref_dir: str, class_name: str, meta: dict, backbone: dict, whose: str = "") -> None:
     """UserError unless the features of ``meta`` come from the backbone ``backbone`` (a
-    :meth:`FeatureExtractor.describe`, or at least its ``backbone`` name): name, layers and ``amp``.
-    ``whose`` says who wants that backbone (default: this run)."""
+    :meth:`FeatureExtractor.describe`, or at least its ``backbone`` name): name, layers, ``amp`` and
+    ``resize``.  ``whose`` says who wants that backbone (default: this run)."""
     class_dir = os.path.join(ref_dir, class_name)
     name = backbone["backbone"]
-    differs = backbone_mismatch(meta, backbone, ("backbone", "layers", "amp"))
+    differs = backbone_mismatch(meta, backbone, ("backbone", "layers", "amp", "resize"))
     if differs == "backbone":
         raise UserError(f"{FLAG} {class_dir}: features were extracted with --backbone {meta['backbone']}, but "
                         f"{whose or f'this run uses {name}'}; re-extract them with that backbone or pass the "
@@ -87,6 +89,11 @@ def check_backbone(ref_dir: str, class_name: str, meta: dict, backbone: dict, wh
         made, wanted = meta.get("amp", "none"), backbone["amp"]
         raise UserError(f"{FLAG} {class_dir}: features were extracted with --amp {made}, this run uses --amp "
                         f"{wanted}; re-extract them with extract_ref_features.py --amp {wanted} or run with --amp {made}")
+    if differs == "resize":
+        made, wanted = meta.get("resize", RECORD_DEFAULTS["resize"]), backbone["resize"]
+        raise UserError(f"{FLAG} {class_dir}: features were extracted with --resize {made}, this run uses --resize "
+                        f"{wanted}; re-extract them with extract_ref_features.py --resize {wanted} or run with "
+                        f"--resize {made}")
 
 
 def load_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: Optional[int],

@@ -50,16 +50,19 @@ def plot_class_metric(table: pd.DataFrame, metric: str, path: str, title: Option
 
 
 def save_heatmap(out_path: str, image: np.ndarray, mask: np.ndarray, map: np.ndarray, label: int,
-                 title: str = "", value_range: Optional[Sequence[float]] = None, **_) -> None:
-    """Three panels: the image, the image with the ground-truth contour, the anomaly-map overlay."""
+                 title: str = "", value_range: Optional[Sequence[float]] = None, pixel_labels: bool = True,
+                 **_) -> None:
+    """Three panels: the image, the image with the ground-truth contour, the anomaly-map overlay.
+    ``pixel_labels`` False: the class has image labels only, so nothing is outlined."""
     vmin, vmax = value_range if value_range is not None else (float(map.min()), float(map.max()))
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
     axes[0].imshow(image)
     axes[0].set_title("image")
     axes[1].imshow(image)
-    if mask.any():
+    if pixel_labels and mask.any():
         axes[1].contour(mask.astype(float), levels=[0.5], colors="red", linewidths=1.2)
-    axes[1].set_title("ground truth" + ("" if label else " (normal)"))
+    kind = "ground truth" if pixel_labels else "image label only"
+    axes[1].set_title(kind + (" (anomalous)" if label and not pixel_labels else "" if label else " (normal)"))
     axes[2].imshow(image)
     overlay = axes[2].imshow(map, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
     axes[2].set_title(f"anomaly map (max {float(map.max()):.3f})")

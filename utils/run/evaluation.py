@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
+from datasets.base import has_pixel_labels
 from models.anomaly_map import ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, resad_maps
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
@@ -167,11 +168,12 @@ def _failure_heatmaps(samples: Sequence[Sample], maps: np.ndarray, labels: np.nd
     threshold = f1_max_threshold(labels, scores)
     chosen = failure_cases(labels, scores, count)
     dataset = AnomalyDataset([samples[i] for i, _ in chosen], image_size=extractor.image_size,
-                             mean=extractor.mean, std=extractor.std)
+                             mean=extractor.mean, std=extractor.std, resize=extractor.resize)
     value_range = (float(maps.min()), float(maps.max()))
+    outlined = has_pixel_labels(samples)  # image labels only: no ground truth to outline
     return [dict(image=_denormalize(dataset[j]["image"], extractor), mask=masks[i], map=maps[i].copy(),
                  label=int(labels[i]), path=samples[i].image, value_range=value_range, role=role,
-                 score=float(scores[i]), threshold=threshold)
+                 score=float(scores[i]), threshold=threshold, pixel_labels=outlined)
             for j, (i, role) in enumerate(chosen)]
 
 

@@ -17,8 +17,9 @@ def make_loader(samples: Sequence[Sample], extractor: FeatureExtractor, batch_si
     used on CUDA runs, where the GPU would otherwise wait for the workers' start-up every epoch).
     Batches go to pinned memory when CUDA is present, so ``.to(device, non_blocking=True)`` overlaps.
     ``dataset_class`` builds the dataset from the samples (e.g. a partial of
-    :class:`datasets.anomaly_source.SyntheticAnomalyDataset`)."""
-    dataset = dataset_class(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std)
+    :class:`datasets.anomaly_source.SyntheticAnomalyDataset`), pre-processed as ``extractor.resize`` says."""
+    dataset = dataset_class(list(samples), image_size=extractor.image_size, mean=extractor.mean, std=extractor.std,
+                            resize=extractor.resize)
     # A loader draws its workers' base seed from its generator; giving every loader one keeps
     # the global random state untouched by evaluation, so a resumed run repeats an uninterrupted one.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -16,7 +16,9 @@ import torch
 
 from datasets import Sample, Setting, evaluation_samples, training_samples
 from datasets.anomaly_source import choose_anomaly_source
-from models.extractor import BackboneConfig, FeatureExtractor, set_amp
+from datasets.base import has_pixel_labels
+from datasets.resize import crop_losses
+from models.extractor import BackboneConfig, FeatureExtractor, set_amp, set_resize
 from models.matching import ReferenceBank
 from utils.atomic import check_writable
 from utils.errors import UserError
@@ -61,7 +63,7 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
     seed_everything(config.seed)
     data = config.data
     setting = data.setting.resolve(data.train_dataset_dir, data.test_dataset_dir)
-    state = _checkpoint_to_evaluate(checkpoint_path, setting) if mode == EVALUATE else None
+    state = _checkpoint_to_evaluate(checkpoint_path, setting, config.backbone.resize) if mode == EVALUATE else None
     outputs = {k: RunOutputs(check_writable(os.path.join(config.checkpoint_path, name)), name)
                for k, name in config.run_names.items()}
     test_sets = {c: evaluation_samples(setting.target, data.test_dataset_dir, c) for c in setting.unseen_classes}
@@ -73,11 +75,12 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
     whose = f"--checkpoint {checkpoint_path} holds a model trained with --backbone {backbone.name}" if state else ""
     for class_name in setting.unseen_classes:
         meta = reference_features.read_meta(data.test_ref_feature_dir, class_name)
-        reference_features.check_backbone(data.test_ref_feature_dir, class_name, meta, {"backbone": backbone.name},
-                                          whose)
+        reference_features.check_backbone(data.test_ref_feature_dir, class_name, meta,
+                                          {"backbone": backbone.name, "resize": backbone.resize}, whose)
     if extractor is None:
         extractor = backbone.build(device)
-    set_amp(extractor, config.backbone.amp)
+    set_resize(set_amp(extractor, config.backbone.amp), config.backbone.resize)
+    report_test_sets(test_sets, extractor.resize, extractor.image_size)
     if state is not None:
         checkpoint.check_extractor(state, checkpoint_path, extractor)
     evaluation = config.evaluation
@@ -86,12 +89,26 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
     return RunInputs(config, device, setting, outputs, test_sets, extractor, banks, training, state)
 
 
-def _checkpoint_to_evaluate(path: Optional[str], setting: Setting) -> dict:
+def _checkpoint_to_evaluate(path: Optional[str], setting: Setting, resize: str) -> dict:
     if not path:
         raise UserError("--eval_only: give the trained model with --checkpoint FILE (a *_latest.pth or *_best.pth)")
     state = checkpoint.load(path, flag="--checkpoint")
     checkpoint.check_target(state, path, setting)
+    checkpoint.check_resize(state, path, resize)
     return state
+
+
+def report_test_sets(test_sets: Dict[str, List[Sample]], resize: str, size: int) -> None:
+    """Print a line per class evaluated on image labels only (no masks, docs/method.md §5.5), and per class
+    whose annotated defects the center crop (``resize`` "crop") cuts into (§2.1, :func:`datasets.resize.crop_losses`)."""
+    for class_name, samples in test_sets.items():
+        if not has_pixel_labels(samples):
+            print(f"{class_name}: its anomalous test images have no pixel masks, so it is evaluated on image "
+                  "metrics only (pixel metrics left empty, heat-maps without an outline)")
+        elif resize == "crop":
+            message = crop_losses(samples, size, class_name).message()
+            if message:
+                print(f"warning: {message}")
 
 
 def _backbone(config: RunConfig, state: Optional[dict]) -> BackboneConfig:
@@ -99,7 +116,8 @@ def _backbone(config: RunConfig, state: Optional[dict]) -> BackboneConfig:
     if state is None:
         return config.backbone
     name, levels = checkpoint.backbone_of(state)
-    return BackboneConfig(name, config.backbone.weights, amp=config.backbone.amp, **levels)
+    return BackboneConfig(name, config.backbone.weights, amp=config.backbone.amp, resize=config.backbone.resize,
+                          **levels)
 
 
 def _training_data(config: RunConfig, setting: Setting) -> TrainingData:
