@@ -32,3 +32,14 @@ def list_subfolders(folder: str) -> list[str]:
         return []
     return sorted(name for name in os.listdir(folder)
                   if not name.startswith(".") and os.path.isdir(os.path.join(folder, name)))
+
+
+def walk_image_files(folder: str) -> list[str]:
+    """Sorted paths of the visible image files anywhere under ``folder`` (hidden folders skipped,
+    symbolic links to folders not followed); [] if missing."""
+    found = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [os.path.join(parent, name) for name in sorted(names)
+                  if is_image_file(name) and os.path.isfile(os.path.join(parent, name))]
+    return found

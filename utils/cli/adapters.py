@@ -18,7 +18,7 @@ from models.extractor import BackboneConfig
 from models.resad import ModelConfig
 from utils.errors import UserError
 from utils.report.run_record import plain_values
-from utils.run.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+from utils.run.config import DataConfig, EvalConfig, PredictConfig, RunConfig, TrainConfig
 from utils.run.preflight import EVALUATE, KNN, TRAIN
 
 TRAINING_FLAGS = ("train_dataset_dir", "train_ref_shot", "train_ref_pool", "anomaly_source", "synthetic_fraction",
@@ -89,3 +89,15 @@ def run_config(args: argparse.Namespace, shots: Sequence[int], run_names: Mappin
 def shot_names(setting: str, shots: Sequence[int], per_shot: bool) -> Dict[int, str]:
     """The run name of each k: the setting (one k), or ``<setting>_<k>shot`` (the multi-shot layout)."""
     return {int(k): f"{setting}_{k}shot" if per_shot else setting for k in shots}
+
+
+def predict_config(args: argparse.Namespace) -> PredictConfig:
+    """The :class:`PredictConfig` of predict.py's flags (:func:`utils.cli.options.add_predict_arguments`)."""
+    return PredictConfig(
+        checkpoint=args.checkpoint, images=tuple(args.images), out=args.out, ref_images=args.ref_images,
+        ref_features=args.ref_features, num_ref_shot=args.num_ref_shot, threshold=args.threshold,
+        threshold_quantile=args.threshold_quantile, heatmaps=not args.no_heatmaps, save_maps=args.save_maps,
+        anomaly_map=args.anomaly_map, image_score=args.image_score, fdm_alpha=args.fdm_alpha,
+        smooth_sigma=args.smooth_sigma, batch_size=args.batch_size, backbone_weights=args.backbone_weights,
+        amp=args.amp, device=args.device, num_workers=args.num_workers, seed=args.seed,
+        arguments=plain_values(vars(args)))

@@ -209,3 +209,51 @@ def _add_model_arguments(model) -> None:
                             "also the distance to the matched reference (README, Recommended preset)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
+
+
+def real_number(text: str) -> float:
+    """A finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of predict.py."""
+    data = parser.add_argument_group("inputs and outputs")
+    data.add_argument("--checkpoint", required=True, help="a *_latest.pth or *_best.pth written by a training run")
+    refs = data.add_mutually_exclusive_group(required=True)
+    refs.add_argument("--ref_images", metavar="DIR", help="a folder of k normal images of the class (encoded now)")
+    refs.add_argument("--ref_features", metavar="DIR",
+                      help="reference features of the class written by extract_ref_features.py (<save_dir>/<class>)")
+    data.add_argument("--num_ref_shot", type=at_least(1), default=None, help="use the first k references (default: all)")
+    data.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                      help="folders (searched recursively) and image files to score")
+    data.add_argument("--out", required=True, help="output folder: scores.csv, heatmaps/, maps/, predict_run.json")
+    judged = parser.add_argument_group("threshold")
+    exclusive = judged.add_mutually_exclusive_group()
+    exclusive.add_argument("--threshold", type=real_number, default=None,
+                           help="a fixed image threshold (default: from the references, README 'Use a trained model')")
+    exclusive.add_argument("--threshold_quantile", type=fraction, default=None, metavar="Q",
+                           help="the threshold is this quantile of the references' leave-one-out scores "
+                                "(default: their maximum)")
+    written = parser.add_argument_group("maps and heat-maps")
+    written.add_argument("--no_heatmaps", action="store_true", help="no PNG per image (drawing is the slowest part)")
+    written.add_argument("--save_maps", action="store_true", help="also one .npy anomaly map per image (float16)")
+    written.add_argument("--anomaly_map", default="authors", choices=list(ANOMALY_MAP_RECIPES),
+                         help="the map, as main.py --anomaly_map")
+    written.add_argument("--image_score", default="max", choices=IMAGE_SCORES, help="as main.py --image_score")
+    written.add_argument("--fdm_alpha", type=float, default=0.4, help="EFDM strength (1 = no matching)")
+    written.add_argument("--smooth_sigma", type=float, default=4.0, help="Gaussian smoothing of the maps")
+    run = parser.add_argument_group("run")
+    run.add_argument("--backbone_weights", default=None, help="local weights file of the checkpoint's backbone")
+    add_amp_argument(run)
+    run.add_argument("--batch_size", type=at_least(1), default=32)
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--num_workers", type=at_least(0), default=default_workers(), help="image-loading processes")
+    run.add_argument("--seed", type=int, default=42)
+    return parser

@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 
 from datasets import Setting, get_setting
-from models.extractor import RECORD_DEFAULTS, FeatureExtractor, backbone_mismatch, is_vit
-from models.resad import ModelConfig
+from models.extractor import RECORD_DEFAULTS, BackboneConfig, FeatureExtractor, backbone_mismatch, is_vit
+from models.resad import ModelConfig, ResAD
 from utils.errors import UserError
 from utils.safe_load import load_weights_only, save_weights_only
 from utils.seed import numpy_state_to_plain
@@ -109,12 +109,25 @@ def check_resume(state: dict, path: str, setting: str, extractor: FeatureExtract
                         "use the checkpoint's options")
 
 
+def check_model(state: dict, path: str, flag: str = "--checkpoint") -> dict:
+    """The ``trained_on`` record of a checkpoint that holds a trained model (to evaluate or to predict
+    with); UserError unless it is a checkpoint of this project with its model and that record."""
+    if state.get("format") not in READABLE_FORMATS or "model" not in state or "trained_on" not in state:
+        raise UserError(f"{flag} {path}: not a checkpoint of this project; give a *_latest.pth or *_best.pth")
+    return state["trained_on"]
+
+
+def open_model(path: str, flag: str = "--checkpoint") -> dict:
+    """:func:`load` a checkpoint and :func:`check_model` it: the state of a trained model."""
+    state = load(path, flag=flag)
+    check_model(state, path, flag)
+    return state
+
+
 def check_target(state: dict, path: str, setting: Setting) -> dict:
     """The ``trained_on`` record of a checkpoint to evaluate on ``setting``; UserError unless it was trained
     on the setting's source dataset and seen classes, none of them among the setting's unseen ones."""
-    if state.get("format") not in READABLE_FORMATS or "model" not in state or "trained_on" not in state:
-        raise UserError(f"--checkpoint {path}: not a checkpoint of this project; give a *_latest.pth or *_best.pth")
-    trained = state["trained_on"]
+    trained = check_model(state, path)
     held = (f"the checkpoint holds a model trained on {trained['source']} ({len(trained['seen_classes'])} seen "
             f"classes, --setting {trained['setting']}, --backbone {trained['backbone']})")
     if trained["source"] != setting.source or sorted(trained["seen_classes"]) != sorted(setting.seen_classes):
@@ -155,3 +168,23 @@ def backbone_of(state: dict):
     if not layers:
         return trained["backbone"], {}
     return trained["backbone"], (dict(blocks=tuple(layers)) if is_vit(trained["backbone"]) else dict(levels=len(layers)))
+
+
+def backbone_config(state: dict, weights=None, amp: str = "none", resize=None) -> BackboneConfig:
+    """The checkpoint's backbone and levels, with a run's local ``weights`` file and ``amp``; ``resize``
+    None: the checkpoint's own (:func:`trained_resize`)."""
+    name, levels = backbone_of(state)
+    return BackboneConfig(name, weights, amp=amp, resize=resize or trained_resize(state), **levels)
+
+
+def trained_resize(state: dict) -> str:
+    """How the checkpoint's training images became the square input (--resize; "crop" before it was recorded)."""
+    return state["trained_on"].get("resize", RECORD_DEFAULTS["resize"])
+
+
+def build_model(state: dict, extractor: FeatureExtractor, fdm_alpha: float, device) -> ResAD:
+    """The checkpoint's trained ResAD on ``device``, in evaluation mode, with the inference option
+    ``fdm_alpha`` of the run (:func:`check_extractor` first)."""
+    model = ResAD(extractor.channels, model_config(state), fdm_alpha=fdm_alpha).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()

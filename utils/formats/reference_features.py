@@ -70,52 +70,54 @@ def read_meta(ref_dir: str, class_name: str, flag: str = FLAG) -> dict:
         raise UserError(f"{flag}: cannot read {path} ({type(err).__name__}); {REEXTRACT}") from None
 
 
-def check_backbone(ref_dir: str, class_name: str, meta: dict, backbone: dict, whose: str = "") -> None:
+def check_backbone(ref_dir: str, class_name: str, meta: dict, backbone: dict, whose: str = "",
+                   flag: str = FLAG) -> None:
     """UserError unless the features of ``meta`` come from the backbone ``backbone`` (a
     :meth:`FeatureExtractor.describe`, or at least its ``backbone`` name): name, layers, ``amp`` and
-    ``resize``.  ``whose`` says who wants that backbone (default: this run)."""
+    ``resize``.  ``whose`` says who wants that backbone (default: this run); ``flag`` names the folder's flag."""
     class_dir = os.path.join(ref_dir, class_name)
     name = backbone["backbone"]
     differs = backbone_mismatch(meta, backbone, ("backbone", "layers", "amp", "resize"))
     if differs == "backbone":
-        raise UserError(f"{FLAG} {class_dir}: features were extracted with --backbone {meta['backbone']}, but "
+        raise UserError(f"{flag} {class_dir}: features were extracted with --backbone {meta['backbone']}, but "
                         f"{whose or f'this run uses {name}'}; re-extract them with that backbone or pass the "
                         "same --backbone")
     if differs == "layers":
-        raise UserError(f"{FLAG} {class_dir}: features are of {name} layers {meta['layers']}, this run uses "
+        raise UserError(f"{flag} {class_dir}: features are of {name} layers {meta['layers']}, this run uses "
                         f"layers {backbone['layers']}; re-extract them with the same --feature_levels / "
                         "--feature_blocks")
     if differs == "amp":
         made, wanted = meta.get("amp", "none"), backbone["amp"]
-        raise UserError(f"{FLAG} {class_dir}: features were extracted with --amp {made}, this run uses --amp "
+        raise UserError(f"{flag} {class_dir}: features were extracted with --amp {made}, this run uses --amp "
                         f"{wanted}; re-extract them with extract_ref_features.py --amp {wanted} or run with --amp {made}")
     if differs == "resize":
         made, wanted = meta.get("resize", RECORD_DEFAULTS["resize"]), backbone["resize"]
-        raise UserError(f"{FLAG} {class_dir}: features were extracted with --resize {made}, this run uses --resize "
+        raise UserError(f"{flag} {class_dir}: features were extracted with --resize {made}, this run uses --resize "
                         f"{wanted}; re-extract them with extract_ref_features.py --resize {wanted} or run with "
                         f"--resize {made}")
 
 
 def load_bank(ref_dir: str, class_name: str, extractor: dict, num_shots: Optional[int],
-              shots_flag: str = "--num_ref_shot") -> ReferenceBank:
+              shots_flag: str = "--num_ref_shot", flag: str = FLAG) -> ReferenceBank:
     """The reference bank of one class, checked against the extractor in use (:meth:`FeatureExtractor.describe`).
 
     The number of shots is derived from the rows of each level and the feature map size;
-    ``num_shots`` of them are kept (the first ones), all of them when None.
+    ``num_shots`` of them are kept (the first ones), all of them when None.  ``flag`` names the
+    folder's flag in messages.
     """
-    check_dirs(ref_dir, [class_name])
-    meta = read_meta(ref_dir, class_name)
-    check_backbone(ref_dir, class_name, meta, extractor)
+    check_dirs(ref_dir, [class_name], flag)
+    meta = read_meta(ref_dir, class_name, flag)
+    check_backbone(ref_dir, class_name, meta, extractor, flag=flag)
     levels: List[torch.Tensor] = []
     shots = None
     for level, (channels, (h, w)) in enumerate(zip(extractor["channels"], extractor["feature_sizes"]), start=1):
-        rows = _layer_rows(ref_dir, class_name, level, meta, channels, extractor)
+        rows = _layer_rows(ref_dir, class_name, level, meta, channels, extractor, flag)
         if rows.shape[0] % (h * w):
-            raise UserError(f"{FLAG}: {_layer_path(ref_dir, class_name, level)} has {rows.shape[0]} rows, not a "
+            raise UserError(f"{flag}: {_layer_path(ref_dir, class_name, level)} has {rows.shape[0]} rows, not a "
                             f"multiple of the {h}x{w} feature map of {extractor['backbone']} at "
                             f"{extractor['image_size']} px; re-extract the features")
         if shots is not None and rows.shape[0] // (h * w) != shots:
-            raise UserError(f"{FLAG}: the layer files of {os.path.join(ref_dir, class_name)} disagree on the number "
+            raise UserError(f"{flag}: the layer files of {os.path.join(ref_dir, class_name)} disagree on the number "
                             "of shots; re-extract them")
         shots = rows.shape[0] // (h * w)
         keep = shots if num_shots is None else num_shots
@@ -130,21 +132,22 @@ def _layer_path(ref_dir: str, class_name: str, level: int) -> str:
     return os.path.join(ref_dir, class_name, f"layer{level}.npy")
 
 
-def _layer_rows(ref_dir: str, class_name: str, level: int, meta: dict, channels: int, extractor: dict) -> np.ndarray:
+def _layer_rows(ref_dir: str, class_name: str, level: int, meta: dict, channels: int, extractor: dict,
+                flag: str = FLAG) -> np.ndarray:
     """The memory-mapped rows of one layer file, after its checksum and channel checks."""
     path = _layer_path(ref_dir, class_name, level)
     if not os.path.isfile(path):
-        raise UserError(f"{FLAG}: missing {path}; {REEXTRACT}")
+        raise UserError(f"{flag}: missing {path}; {REEXTRACT}")
     expected = meta.get("sha256", {}).get(os.path.basename(path))
     if expected and file_sha256(path) != expected:
-        raise UserError(f"{FLAG}: {path} was changed or truncated after extraction (its SHA-256 differs "
+        raise UserError(f"{flag}: {path} was changed or truncated after extraction (its SHA-256 differs "
                         f"from {os.path.join(ref_dir, class_name, META)}); {REEXTRACT}")
     try:
         rows = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as err:
-        raise UserError(f"{FLAG}: cannot read {path} ({err}); re-run extract_ref_features.py") from None
+        raise UserError(f"{flag}: cannot read {path} ({err}); re-run extract_ref_features.py") from None
     if rows.ndim != 2 or rows.shape[1] != channels:
-        raise UserError(f"{FLAG}: {path} has shape {tuple(rows.shape)} but {extractor['backbone']} level {level} "
+        raise UserError(f"{flag}: {path} has shape {tuple(rows.shape)} but {extractor['backbone']} level {level} "
                         f"has {channels} channels; the features come from another backbone: re-extract them "
                         f"with --backbone {extractor['backbone']}")
     return rows

@@ -71,3 +71,51 @@ def save_heatmap(out_path: str, image: np.ndarray, mask: np.ndarray, map: np.nda
         ax.axis("off")
     fig.suptitle(title)
     _save(fig, out_path)
+
+
+
+class PredictionHeatmaps:
+    """The heat-maps of ``predict.py``, two panels in the style of :func:`save_heatmap`: the input, and the
+    anomaly-map overlay on the colour scale ``value_range`` shared by every image of a run, the image
+    ``threshold`` marked on the colour bar.  One figure is built and redrawn for every image: a new figure
+    and colour bar per image and zlib's default PNG compression took two thirds of the drawing time
+    (compression level 1 here: files about 20 % larger)."""
+
+    def __init__(self, value_range: Sequence[float], threshold: Optional[float] = None, size: int = 224):
+        vmin, vmax = value_range
+        self.figure, axes = plt.subplots(1, 2, figsize=(7.4, 3.8))
+        self.figure.subplots_adjust(left=0.02, right=0.9, bottom=0.03, top=0.84, wspace=0.08)
+        blank = np.zeros((size, size, 3))
+        self._layers = [axes[0].imshow(blank), axes[1].imshow(blank),
+                        axes[1].imshow(blank[..., 0], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)]
+        axes[0].set_title("image")
+        self._map_title = axes[1].set_title("anomaly map")
+        bar = self.figure.colorbar(self._layers[2], ax=axes[1], fraction=0.046, pad=0.04)
+        if threshold is not None and vmin <= threshold <= vmax:
+            bar.ax.axhline(threshold, color="black", linewidth=2)
+        for ax in axes:
+            ax.axis("off")
+        self._title = self.figure.suptitle("")
+
+    def save(self, out_path: str, image: np.ndarray, map: np.ndarray, title: str) -> None:
+        """Draw ``image`` (S, S, 3) in [0, 1] and its (S, S) ``map`` under ``title`` into the PNG ``out_path``."""
+        for layer, data in zip(self._layers, (image, image, map)):
+            layer.set_data(data)
+        self._map_title.set_text(f"anomaly map (max {float(map.max()):.3f})")
+        self._title.set_text(title)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with atomic_path(out_path) as tmp:
+            self.figure.savefig(tmp, format="png", dpi=120, pil_kwargs={"compress_level": 1})
+
+    def close(self) -> None:
+        plt.close(self.figure)
+
+
+def save_prediction_heatmap(out_path: str, image: np.ndarray, map: np.ndarray, title: str,
+                            value_range: Sequence[float], threshold: Optional[float] = None) -> None:
+    """One heat-map of :class:`PredictionHeatmaps` (for many images, keep one and call its ``save``)."""
+    canvas = PredictionHeatmaps(value_range, threshold, size=map.shape[0])
+    try:
+        canvas.save(out_path, image, map, title)
+    finally:
+        canvas.close()

@@ -128,6 +128,12 @@ def describe_run(arguments: dict, seed: int, device, roots: Dict[str, str], ref_
     }
 
 
+def prediction_record(arguments: dict, seed: int, device, **parts) -> dict:
+    """The record ``predict_run.json`` of ``predict.py``: the environment, the arguments, the seed and
+    ``parts`` (the checkpoint, the references, the images, the maps, the threshold, the results)."""
+    return {"created": _environment(device), "args": dict(arguments), "seed": seed, **parts}
+
+
 def write_run_records(paths: Dict[int, str], description: dict,
                       resumed_from: Optional[str] = None, epoch: int = 0) -> None:
     """Write ``<run>_run.json`` for each number of shots; on resume, append an entry to the existing record."""

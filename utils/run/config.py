@@ -88,3 +88,34 @@ class RunConfig:
     @property
     def shots(self) -> Tuple[int, ...]:
         return self.evaluation.shots
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``predict.py``: score new images of one class with a trained checkpoint and k normal references
+    (docs/method.md §11).  Exactly one of ``ref_images`` and ``ref_features`` is given."""
+    checkpoint: str
+    images: Tuple[str, ...]               # folders (searched recursively) and image files
+    out: str                              # the output folder (utils.formats.predictions.PredictionOutputs)
+    ref_images: Optional[str] = None      # a folder of k normal images, encoded on the fly
+    ref_features: Optional[str] = None    # a class folder written by extract_ref_features.py
+    num_ref_shot: Optional[int] = None    # the first k references (default: all)
+    threshold: Optional[float] = None     # a fixed image threshold; None: from the references
+    threshold_quantile: Optional[float] = None  # of the leave-one-out reference scores; None: their max
+    heatmaps: bool = True                 # one PNG per image
+    save_maps: bool = False               # one float16 .npy map per image
+    anomaly_map: str = "authors"          # models.anomaly_map.ANOMALY_MAP_RECIPES
+    image_score: str = "max"              # models.anomaly_map.IMAGE_SCORES
+    fdm_alpha: float = 0.4
+    smooth_sigma: float = 4.0
+    batch_size: int = 32
+    backbone_weights: Optional[str] = None  # a local weights file for the checkpoint's backbone
+    amp: str = "none"
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 42
+    arguments: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.ref_images is None) == (self.ref_features is None):
+            raise ValueError("give exactly one of ref_images and ref_features")

@@ -13,7 +13,6 @@ from typing import Dict, Optional
 import pandas as pd
 
 from models.extractor import FeatureExtractor
-from models.resad import ResAD
 from utils.formats import checkpoint
 from utils.report.results import summary_line, write_evaluation
 from utils.run.config import RunConfig
@@ -26,9 +25,7 @@ def evaluate_checkpoint(config: RunConfig, path: str,
     """Evaluate the model of the checkpoint ``path``; returns the table per number of shots."""
     inputs = prepare(config, EVALUATE, extractor, checkpoint_path=path)
     state, trained = inputs.checkpoint, inputs.checkpoint["trained_on"]
-    model = ResAD(inputs.extractor.channels, checkpoint.model_config(state),
-                  fdm_alpha=config.evaluation.fdm_alpha).to(inputs.device)
-    model.load_state_dict(state["model"])
+    model = checkpoint.build_model(state, inputs.extractor, config.evaluation.fdm_alpha, inputs.device)
     epoch = int(state.get("epoch", 0))
     print(f"{inputs.setting.name}: evaluating {path} (trained on {trained['source']}, --setting "
           f"{trained['setting']}, epoch {epoch}) on {len(inputs.setting.unseen_classes)} unseen classes of "

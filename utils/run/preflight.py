@@ -92,7 +92,7 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
 def _checkpoint_to_evaluate(path: Optional[str], setting: Setting, resize: str) -> dict:
     if not path:
         raise UserError("--eval_only: give the trained model with --checkpoint FILE (a *_latest.pth or *_best.pth)")
-    state = checkpoint.load(path, flag="--checkpoint")
+    state = checkpoint.open_model(path)
     checkpoint.check_target(state, path, setting)
     checkpoint.check_resize(state, path, resize)
     return state
@@ -115,9 +115,7 @@ def _backbone(config: RunConfig, state: Optional[dict]) -> BackboneConfig:
     """The run's backbone; for a checkpoint, the checkpoint's backbone and levels with the run's weights file."""
     if state is None:
         return config.backbone
-    name, levels = checkpoint.backbone_of(state)
-    return BackboneConfig(name, config.backbone.weights, amp=config.backbone.amp, resize=config.backbone.resize,
-                          **levels)
+    return checkpoint.backbone_config(state, config.backbone.weights, config.backbone.amp, config.backbone.resize)
 
 
 def _training_data(config: RunConfig, setting: Setting) -> TrainingData:
