@@ -144,6 +144,9 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
         references = {"source": "--ref_features", "dir": os.path.join(ref_dir, ref_class),
                       "meta": reference_features.read_meta(ref_dir, ref_class, "--ref_features")}
     references["shots"] = bank.num_shots
+    if bank.num_shots < 2 and config.threshold is None:
+        raise UserError(f"{references['source']}: one reference image cannot score itself against the others; "
+                        "give at least two references, or a fixed image threshold with --threshold X")
     model = checkpoint.build_model(state, extractor, config.fdm_alpha, device)
     samples = [Sample(path, 0, (), CLASS) for path, _ in found]
     return PredictionInputs(config, device, state, extractor, model, bank, references, samples, output_names(found),

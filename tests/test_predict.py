@@ -1,0 +1,211 @@
+"""predict.py: scores, labels, heat-maps and the reference threshold of new images, on a trained demo checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from datasets import DEMO_SEEN, Sample, evaluation_samples, generate_demo_dataset
+from models.anomaly_map import anomaly_maps, image_scores, map_statistics
+from models.extractor import OFFLINE_BACKBONE, build_extractor
+from models.matching import ReferenceBank
+from tests.run_helpers import fit, make_args
+from utils.errors import run_cli
+from utils.formats import checkpoint, reference_features
+from utils.formats.predictions import SCORE_COLUMNS, read_scores
+from utils.run.config import EvalConfig, PredictConfig
+from utils.run.evaluation import evaluate
+from utils.run.extraction import extract_reference_features
+from utils.run.loaders import make_loader
+from utils.run.predict_run import predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASS = "chip"  # an unseen demo class: 2 normal and 3 anomalous test images, 6 normal training images
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A demo checkpoint trained for one epoch on two seen classes, and 4-shot reference features of the class."""
+    base = tmp_path_factory.mktemp("predict")
+    root = generate_demo_dataset(str(base / "demo"), n_train=6, n_test_good=2, n_test_anomalous=3)
+    extractor = build_extractor(OFFLINE_BACKBONE)
+    refs = str(base / "refs")
+    extract_reference_features("demo", root, refs, extractor, shots=4, classes=[CLASS])
+    args = make_args(setting="custom", source_dataset="demo", target_dataset="demo", seen_classes=list(DEMO_SEEN[:2]),
+                     unseen_classes=[CLASS], train_dataset_dir=root, test_dataset_dir=root, test_ref_feature_dir=refs,
+                     num_ref_shot=4, train_ref_shot=2, train_ref_pool=3, backbone=OFFLINE_BACKBONE, epochs=1,
+                     stage1_epochs=1, batch_size=8, eval_batch_size=8, lr=1e-4, num_workers=0,
+                     checkpoint_path=str(base / "ckpt"), coupling_layers=2, num_embeddings=64, num_heatmaps=0,
+                     device="cpu", no_aupro=True)
+    fit(args, shots=[4], run_names={4: "demo"}, extractor=extractor)
+    return SimpleNamespace(root=root, refs=refs, extractor=extractor, base=base,
+                           ckpt=str(base / "ckpt" / "demo" / "demo_latest.pth"),
+                           images=os.path.join(root, CLASS, "test"),
+                           ref_images=os.path.join(root, CLASS, "train", "good"))
+
+
+def config(trained, out, **overrides) -> PredictConfig:
+    values = dict(checkpoint=trained.ckpt, images=(trained.images,), out=str(out),
+                  ref_features=os.path.join(trained.refs, CLASS), batch_size=2, device="cpu", num_workers=0)
+    values.update(overrides)
+    return PredictConfig(**values)
+
+
+def test_predict_end_to_end_writes_scores_heatmaps_maps_and_a_record(trained, tmp_path, capsys):
+    import predict as script
+
+    out = tmp_path / "out"
+    argv = ["--checkpoint", trained.ckpt, "--ref_images", trained.ref_images, "--num_ref_shot", "4",
+            "--images", trained.images, "--out", str(out), "--save_maps", "--device", "cpu", "--num_workers", "0"]
+    assert run_cli(script.main, argv) == 0
+    table = read_scores(str(out / "scores.csv"))
+    expected = sorted(os.path.join(d, f) for d, _, files in os.walk(trained.images) for f in files)
+    assert tuple(table.columns) == SCORE_COLUMNS and table["image"].tolist() == expected
+    record = json.loads((out / "predict_run.json").read_text())
+    threshold = record["threshold"]
+    assert threshold["from"] == "references" and len(threshold["reference_scores"]) == 4
+    assert threshold["value"] == pytest.approx(max(threshold["reference_scores"]))
+    assert np.allclose(table["threshold"], threshold["value"])
+    assert (table["label"] == np.where(table["score"] > threshold["value"], "anomalous", "normal")).all()
+    assert record["images"] == {"inputs": [os.path.abspath(trained.images)], "count": 5,
+                                **{label: int((table["label"] == label).sum()) for label in set(table["label"])}}
+    assert record["references"]["shots"] == 4 and record["created"]["git"]["commit"]
+    for path, score in zip(table["image"], table["score"]):
+        name = os.path.splitext(os.path.relpath(path, trained.images))[0]
+        assert imread(out / "heatmaps" / f"{name}.png").shape[2] in (3, 4)
+        raw = np.load(out / "maps" / f"{name}.npy")
+        assert raw.dtype == np.float16 and raw.shape == (224, 224)
+        assert float(raw.max()) == pytest.approx(score, rel=2e-3)  # the image score is the map's max
+    printed = capsys.readouterr().out
+    assert f"threshold {threshold['value']:.6g}: the max of the 4 references' leave-one-out scores" in printed
+
+
+@pytest.mark.parametrize("anomaly_map, image_score", [("authors", "max"), ("standardized", "mean_top1pct")])
+def test_scores_equal_the_evaluation_of_the_same_images_and_references(trained, tmp_path, anomaly_map, image_score):
+    """Predicted in chunks of 2 images (the set's statistics gathered over three chunks) against the evaluation's
+    own code path on the whole class at once (8 images a batch), same references."""
+    predict(config(trained, tmp_path, anomaly_map=anomaly_map, image_score=image_score, save_maps=True,
+                   heatmaps=False), extractor=trained.extractor)
+    table = read_scores(str(tmp_path / "scores.csv"))
+    state = checkpoint.open_model(trained.ckpt)
+    model = checkpoint.build_model(state, trained.extractor, 0.4, torch.device("cpu"))
+    bank = reference_features.load_bank(trained.refs, CLASS, trained.extractor.describe(), 4)
+    samples = evaluation_samples("demo", trained.root, CLASS)
+    settings = EvalConfig(shots=(4,), batch_size=8, aupro=False, anomaly_map=anomaly_map, image_score=image_score,
+                          map_metrics=False)
+    result = evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
+                      num_heatmaps=len(samples))[4][CLASS]
+    evaluated = {item["path"]: item for item in result.heatmaps}
+    assert sorted(evaluated) == sorted(table["image"])
+    for path, score in zip(table["image"], table["score"]):
+        assert score == pytest.approx(evaluated[path]["score"], rel=1e-5, abs=1e-6)
+        name = os.path.splitext(os.path.relpath(path, trained.images))[0]
+        raw = np.load(tmp_path / "maps" / f"{name}.npy").astype(np.float32)
+        assert np.allclose(raw, evaluated[path]["map"], rtol=1e-3, atol=1e-3)  # float16 files
+
+
+def test_threshold_is_the_leave_one_out_reference_scores_max_or_quantile(trained, tmp_path):
+    """By hand: each reference image encoded alone and scored with ResAD.forward against a bank built from the
+    other three images' features; maps with the statistics of the whole test set computed at once."""
+    extractor = trained.extractor
+    model = checkpoint.build_model(checkpoint.open_model(trained.ckpt), extractor, 0.4, torch.device("cpu"))
+    files = sorted(os.listdir(trained.ref_images))[:4]
+    loader = make_loader([Sample(os.path.join(trained.ref_images, f), 0, (), CLASS) for f in files], extractor, 1, 0)
+    with torch.inference_mode():
+        features = [extractor(batch["image"]) for batch in loader]
+        tests = make_loader(evaluation_samples("demo", trained.root, CLASS), extractor, 5, 0)
+        whole = model(extractor(next(iter(tests))["image"]), ReferenceBank.from_features(
+            [torch.cat(level) for level in zip(*features)]))
+        statistics = map_statistics([whole.logps], size=224)
+        scores = []
+        for i, mine in enumerate(features):
+            others = ReferenceBank.from_features([torch.cat(level)
+                                                  for level in zip(*(features[:i] + features[i + 1:]))])
+            out = model(mine, others)
+            scores.append(float(anomaly_maps(out.logps, out.abnormal_probs, statistics=statistics).max()))
+    for quantile, expected in ((None, max(scores)), (0.5, float(np.median(scores)))):
+        out = tmp_path / f"q{quantile}"
+        record = predict(config(trained, out, ref_features=None, ref_images=trained.ref_images, num_ref_shot=4,
+                                threshold_quantile=quantile, heatmaps=False), extractor=extractor)
+        assert record["threshold"]["reference_scores"] == pytest.approx(scores, rel=1e-5)
+        assert record["threshold"]["value"] == pytest.approx(expected, rel=1e-5)
+        assert np.allclose(read_scores(str(out / "scores.csv"))["threshold"], expected, rtol=1e-6)
+    fixed = predict(config(trained, tmp_path / "fixed", threshold=0.5, heatmaps=False), extractor=extractor)
+    assert fixed["threshold"] == {"value": 0.5, "from": "--threshold"}
+    assert set(read_scores(str(tmp_path / "fixed" / "scores.csv"))["label"]) == {"anomalous"}  # all above 0.5
+
+
+def test_an_unreadable_image_among_many_is_a_warning_and_a_failed_row(trained, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(trained.images, images)
+    broken = images / "later" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image")
+    predict(config(trained, tmp_path / "clean", heatmaps=False), extractor=trained.extractor)
+    capsys.readouterr()
+    predict(config(trained, tmp_path / "out", images=(str(images),)), extractor=trained.extractor)
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and str(broken) in warning[0] and "marked failed" in warning[0]
+    table = read_scores(str(tmp_path / "out" / "scores.csv"))
+    row = table[table["image"] == str(broken)].iloc[0]
+    assert row["label"] == "failed" and np.isnan(row["score"]) and "cannot read image" in row["error"]
+    clean = read_scores(str(tmp_path / "clean" / "scores.csv"))
+    scored = table[table["label"] != "failed"]
+    assert [os.path.relpath(p, images) for p in scored["image"]] == \
+        [os.path.relpath(p, trained.images) for p in clean["image"]]
+    assert np.allclose(scored["score"], clean["score"], rtol=1e-6)  # the failed image is not in the set
+    heatmaps = sorted(str(p.relative_to(tmp_path / "out" / "heatmaps")) for p in (tmp_path / "out").rglob("*.png"))
+    assert len(heatmaps) == 5 and not any("broken" in h for h in heatmaps)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # the scratch store is gone
+
+
+def run_script(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
+    return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), proc.stderr
+
+
+def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--checkpoint", trained.ckpt, "--out", out, "--device", "cpu", "--num_workers", 0]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert_one_line_error(run_script(*common, "--ref_images", trained.ref_images, "--images", empty),
+                          f"--images {empty}: the folder holds no images")
+    foreign = tmp_path / "foreign" / CLASS
+    shutil.copytree(os.path.join(trained.refs, CLASS), foreign)
+    meta = json.loads((foreign / "meta.json").read_text())
+    (foreign / "meta.json").write_text(json.dumps(dict(meta, backbone="wide_resnet50_2")))
+    assert_one_line_error(run_script(*common, "--ref_features", foreign, "--images", trained.images),
+                          f"--ref_features {foreign}", "--backbone wide_resnet50_2",
+                          f"--checkpoint {trained.ckpt} holds a model trained with --backbone {OFFLINE_BACKBONE}")
+    assert not out.exists()
+    # a run that finds no readable image stops in one line and leaves the previous results as they were
+    out.mkdir()
+    (out / "scores.csv").write_text("earlier results\n")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (unreadable / name).write_bytes(b"junk")
+    argv = [str(a) for a in common] + ["--ref_images", trained.ref_images, "--images", str(unreadable)]
+    import predict as script
+    assert run_cli(script.main, argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "none of the 2 images could be read" in errors[0]
+    assert (out / "scores.csv").read_text() == "earlier results\n" and sorted(os.listdir(out)) == ["scores.csv"]
+    one = ["--checkpoint", trained.ckpt, "--out", str(out), "--images", trained.images, "--device", "cpu"]
+    assert run_cli(script.main, one + ["--ref_images", trained.ref_images, "--num_ref_shot", "1"]) == 2
+    assert "--ref_images: one reference image cannot score itself" in capsys.readouterr().err
