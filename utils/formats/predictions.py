@@ -13,13 +13,12 @@
 
 ``<name>`` is the image's path relative to the ``--images`` folder it was found in (a file given
 by itself: its file name), without the extension; two images that would share a name keep their
-extension in it (``a.png`` -> ``a_png``).
+extension in it (``a.png`` -> ``a_png``), and a name found under two folders a number (``a_2``).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import os
 import shutil
 import tempfile
@@ -74,7 +73,13 @@ def output_names(found: Sequence[Tuple[str, str]]) -> List[str]:
 
     plain = [stem(path, root, False) for path, root in found]
     shared = {name for name, count in Counter(plain).items() if count > 1}
-    return [stem(path, root, True) if name in shared else name for (path, root), name in zip(found, plain)]
+    names = [stem(path, root, True) if name in shared else name for (path, root), name in zip(found, plain)]
+    seen: Counter = Counter()
+    for i, name in enumerate(names):  # the same name under two --images folders: _2, _3, ...
+        seen[name] += 1
+        if seen[name] > 1:
+            names[i] = f"{name}_{seen[name]}"
+    return names
 
 
 def judge(score: float, threshold: float) -> str:
@@ -120,7 +125,3 @@ def read_scores(path: str, flag: str = "--scores") -> pd.DataFrame:
         raise UserError(f"{flag} {path}: columns {list(table.columns)}, expected {list(SCORE_COLUMNS)}")
     table["score"] = table["score"].astype(float)
     return table
-
-
-def finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

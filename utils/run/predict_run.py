@@ -78,7 +78,10 @@ def list_images(paths: Tuple[str, ...], flag: str = "--images") -> List[Tuple[st
             raise UserError(f"{flag} {path}: no such file or folder; check the path")
     if not found:
         raise UserError(f"{flag}: no images given; give a folder of images or image files")
-    return found
+    unique = {}
+    for image, root in found:  # an image given twice (a file and its folder, nested folders) is scored once
+        unique.setdefault(os.path.abspath(image), (image, root))
+    return list(unique.values())
 
 
 def reference_images(folder: str, shots: Optional[int]) -> List[str]:
@@ -167,37 +170,45 @@ def encode_references(files: List[str], extractor: FeatureExtractor, batch_size:
 def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None) -> dict:
     """Score, label and map the images of ``config``; returns the run record."""
     inputs = prepare_prediction(config, extractor)
-    cfg, started = inputs.config, time.perf_counter()
-    print(f"predict: {len(inputs.samples)} images, {inputs.bank.num_shots} references "
-          f"({inputs.references['source']}), backbone {inputs.extractor.name}, map {cfg.anomaly_map}, "
-          f"image score {cfg.image_score}, device {inputs.device}")
+    cfg, started, n = inputs.config, time.perf_counter(), len(inputs.samples)
+    print(f"predict: {n} images, {inputs.bank.num_shots} references ({inputs.references['source']}), backbone "
+          f"{inputs.extractor.name}, map {cfg.anomaly_map}, image score {cfg.image_score}, device {inputs.device}")
     ensure_dir(cfg.out, "--out")
-    with inputs.outputs.scratch() as scratch:
-        store = OutputStore(scratch, len(inputs.samples), inputs.extractor.feature_sizes, needed_fields(inputs.kind))
-        read = score_images(inputs.model, inputs.extractor, inputs.bank, inputs.samples, store, cfg.batch_size,
-                            cfg.num_workers, inputs.device, lambda i, why: _failed(inputs, i, why))
-        if not read.any():
-            raise UserError(f"--images: none of the {len(inputs.samples)} images could be read (first: "
-                            f"{inputs.failures[0]})")
-        statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
-                                    inputs.extractor.image_size)
-        threshold = _threshold(inputs, statistics)
-        scored = time.perf_counter()
-        value_range, counts = write_scores(inputs, store, read, statistics, threshold["value"])
-        record = _record(inputs, threshold, value_range, counts, {"scoring": scored - started,
-                                                                  "scores": time.perf_counter() - scored})
-        save_json(inputs.outputs.run_record(), record)
-        if cfg.heatmaps:
-            drawn = time.perf_counter()
-            draw_heatmaps(inputs, store, read, statistics, threshold["value"], value_range)
-            record["seconds"]["heatmaps"] = time.perf_counter() - drawn
+    with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, inputs.extractor.feature_sizes,
+                                                          needed_fields(inputs.kind)) as store:
+        record = _passes(inputs, store, started)
     record["seconds"]["total"] = total = time.perf_counter() - started
-    record["images_per_second"] = len(inputs.samples) / total
+    record["images_per_second"] = n / total
     save_json(inputs.outputs.run_record(), record)
+    counts = record["images"]
     print(f"predict: {counts.get('anomalous', 0)} anomalous, {counts.get('normal', 0)} normal, "
-          f"{counts.get('failed', 0)} failed of {len(inputs.samples)} images ({total:.1f} s, "
-          f"{len(inputs.samples) / total:.2f} images/s); results in {cfg.out}: scores.csv, predict_run.json"
-          + (", heatmaps/" if cfg.heatmaps else "") + (", maps/" if cfg.save_maps else ""))
+          f"{counts.get('failed', 0)} failed of {n} images ({total:.1f} s, {n / total:.2f} images/s); results in "
+          f"{cfg.out}: scores.csv, predict_run.json" + (", heatmaps/" if cfg.heatmaps else "")
+          + (", maps/" if cfg.save_maps else ""))
+    return record
+
+
+def _passes(inputs: PredictionInputs, store: OutputStore, started: float) -> dict:
+    """Score every image into ``store``, the set's statistics and the threshold, then ``scores.csv`` (the
+    run record written beside it), then the heat-maps; returns the run record."""
+    cfg = inputs.config
+    read = score_images(inputs.model, inputs.extractor, inputs.bank, inputs.samples, store, cfg.batch_size,
+                        cfg.num_workers, inputs.device, lambda i, why: _failed(inputs, i, why))
+    if not read.any():
+        raise UserError(f"--images: none of the {len(inputs.samples)} images could be read (first: "
+                        f"{inputs.failures[0]})")
+    statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
+                                inputs.extractor.image_size)
+    threshold = _threshold(inputs, statistics)
+    scored = time.perf_counter()
+    value_range, counts = write_scores(inputs, store, read, statistics, threshold["value"])
+    record = _record(inputs, threshold, value_range, counts,
+                     {"scoring": scored - started, "scores": time.perf_counter() - scored})
+    save_json(inputs.outputs.run_record(), record)
+    if cfg.heatmaps:
+        drawn = time.perf_counter()
+        draw_heatmaps(inputs, store, read, statistics, threshold["value"], value_range)
+        record["seconds"]["heatmaps"] = time.perf_counter() - drawn
     return record
 
 

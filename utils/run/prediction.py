@@ -69,30 +69,52 @@ def set_statistics(chunks: Callable[[], Iterable[LevelScores]], kind: str, size:
 
 
 class OutputStore:
-    """The per-level model outputs of N images on disk: per needed field and level an (N, H_l, W_l)
-    float32 array (``np.lib.format.open_memmap`` in ``folder``), written and read by image index."""
+    """The per-level model outputs of N images on disk: per needed field and level one file of N rows of
+    (H_l, W_l) float32, written and read by image index.  Plain reads and writes rather than a memory map:
+    the mapped pages of a run's outputs would count in the process's resident memory, which must not grow
+    with the number of images."""
 
     def __init__(self, folder: str, count: int, feature_sizes: Sequence[Tuple[int, int]], fields: Sequence[str]):
         self.fields = tuple(fields)
-        self.arrays: Dict[str, List[np.ndarray]] = {
-            name: [np.lib.format.open_memmap(os.path.join(folder, f"{name}_{level}.npy"), mode="w+",
-                                             dtype=np.float32, shape=(count, h, w))
-                   for level, (h, w) in enumerate(feature_sizes)]
-            for name in self.fields}
+        self.count = count
+        self.sizes = [(int(h), int(w)) for h, w in feature_sizes]
+        self.files = {(name, level): open(os.path.join(folder, f"{name}_{level}.f32"), "w+b")
+                      for name in self.fields for level in range(len(self.sizes))}
 
     def put(self, indices: np.ndarray, outputs: LevelScores) -> None:
         for name in self.fields:
-            for array, level in zip(self.arrays[name], getattr(outputs, name)):
-                array[indices] = level.float().cpu().numpy()
+            for level, values in enumerate(getattr(outputs, name)):
+                rows, handle = values.float().cpu().numpy(), self.files[name, level]
+                for index, row in zip(indices.tolist(), rows):
+                    handle.seek(index * row.nbytes)
+                    handle.write(row.tobytes())
 
     def get(self, indices: np.ndarray) -> LevelScores:
         """The outputs of the images ``indices`` (the fields no map needs are empty lists)."""
-        return LevelScores(*([torch.from_numpy(np.ascontiguousarray(array[indices])) for array in self.arrays[name]]
-                             if name in self.arrays else [] for name in LevelScores._fields))
+        def level(name: str, number: int) -> torch.Tensor:
+            (h, w), handle = self.sizes[number], self.files[name, number]
+            rows = np.empty((len(indices), h, w), dtype=np.float32)
+            for row, index in zip(rows, indices.tolist()):
+                handle.seek(index * row.nbytes)
+                handle.readinto(memoryview(row).cast("B"))
+            return torch.from_numpy(rows)
+
+        return LevelScores(*([level(name, n) for n in range(len(self.sizes))] if name in self.fields else []
+                             for name in LevelScores._fields))
 
     def chunks(self, indices: np.ndarray, size: int) -> Iterator[LevelScores]:
         for start in range(0, len(indices), size):
             yield self.get(indices[start:start + size])
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def __enter__(self) -> "OutputStore":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 class ReadableImages(AnomalyDataset):
