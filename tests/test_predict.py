@@ -12,7 +12,7 @@ import torch
 from matplotlib.image import imread
 
 from datasets import DEMO_SEEN, Sample, evaluation_samples, generate_demo_dataset
-from models.anomaly_map import anomaly_maps, image_scores, map_statistics
+from models.anomaly_map import anomaly_maps, map_statistics
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.matching import ReferenceBank
 from tests.run_helpers import fit, make_args

@@ -5,5 +5,6 @@
 * :mod:`.reference_features`: the reference features of the unseen classes
   (write, read, check);
 * :mod:`.run_outputs`: every result file name of a run, the metrics tables and
-  their ``Mean`` row.
+  their ``Mean`` row;
+* :mod:`.predictions`: the files of ``predict.py`` (``scores.csv``, heat-maps, raw maps).
 """

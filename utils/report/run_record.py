@@ -5,7 +5,8 @@ before training: all arguments, the command line, the project's git commit (and
 whether the tree was dirty), Python and package versions, the device, the seed,
 the dataset roots with the number of images per class and split actually used,
 and the metadata of the reference features.  ``--resume`` appends an entry to
-``resumes`` instead of overwriting the record.
+``resumes`` instead of overwriting the record.  ``predict.py`` writes ``predict_run.json``
+(:func:`prediction_record`) with the same environment.
 """
 from __future__ import annotations
 
