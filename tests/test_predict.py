@@ -147,12 +147,15 @@ def test_an_unreadable_image_among_many_is_a_warning_and_a_failed_row(trained, t
     broken = images / "later" / "broken.png"
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image")
+    out = images / "results"  # inside the images: an earlier run's heat-maps there are not images to score
+    (out / "heatmaps").mkdir(parents=True)
+    shutil.copy(os.path.join(trained.images, "good", "000.png"), out / "heatmaps" / "earlier.png")
     predict(config(trained, tmp_path / "clean", heatmaps=False), extractor=trained.extractor)
     capsys.readouterr()
-    predict(config(trained, tmp_path / "out", images=(str(images),)), extractor=trained.extractor)
+    predict(config(trained, out, images=(str(images),)), extractor=trained.extractor)
     warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and str(broken) in warning[0] and "marked failed" in warning[0]
-    table = read_scores(str(tmp_path / "out" / "scores.csv"))
+    table = read_scores(str(out / "scores.csv"))
     row = table[table["image"] == str(broken)].iloc[0]
     assert row["label"] == "failed" and np.isnan(row["score"]) and "cannot read image" in row["error"]
     clean = read_scores(str(tmp_path / "clean" / "scores.csv"))
@@ -160,9 +163,9 @@ def test_an_unreadable_image_among_many_is_a_warning_and_a_failed_row(trained, t
     assert [os.path.relpath(p, images) for p in scored["image"]] == \
         [os.path.relpath(p, trained.images) for p in clean["image"]]
     assert np.allclose(scored["score"], clean["score"], rtol=1e-6)  # the failed image is not in the set
-    heatmaps = sorted(str(p.relative_to(tmp_path / "out" / "heatmaps")) for p in (tmp_path / "out").rglob("*.png"))
-    assert len(heatmaps) == 5 and not any("broken" in h for h in heatmaps)
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # the scratch store is gone
+    heatmaps = sorted(str(p.relative_to(out / "heatmaps")) for p in out.rglob("*.png"))
+    assert len(heatmaps) == 6 and "earlier.png" in heatmaps and not any("broken" in h for h in heatmaps)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the scratch store is gone
 
 
 def run_script(*args):

@@ -61,13 +61,14 @@ class PredictionInputs:
         return ANOMALY_MAP_RECIPES[self.config.anomaly_map]
 
 
-def list_images(paths: Tuple[str, ...], flag: str = "--images") -> List[Tuple[str, str]]:
+def list_images(paths: Tuple[str, ...], out: str, flag: str = "--images") -> List[Tuple[str, str]]:
     """(image, the folder it was found in or "" for a file given by itself) of every folder (searched
-    recursively) and file of ``paths``; UserError for a missing path or no image at all."""
-    found = []
+    recursively, the output folder ``out`` left out) and file of ``paths``; UserError for a missing path
+    or no image at all."""
+    found, outputs = [], os.path.join(os.path.abspath(out), "")
     for path in paths:
         if os.path.isdir(path):
-            images = walk_image_files(path)
+            images = [p for p in walk_image_files(path) if not os.path.abspath(p).startswith(outputs)]
             if not images:
                 raise UserError(f"{flag} {path}: the folder holds no images (.png/.jpg/.jpeg/.bmp/.tif, searched "
                                 "recursively); give a folder of images or image files")
@@ -123,7 +124,7 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
     configure_device(device)
     seed_everything(config.seed)
     state = checkpoint.open_model(config.checkpoint)
-    found = list_images(config.images)
+    found = list_images(config.images, config.out)
     ref_files = reference_images(config.ref_images, config.num_ref_shot) if config.ref_images else None
     ref_dir, ref_class = reference_folder(config.ref_features) if config.ref_features else (None, None)
     check_writable(config.out, "--out")
@@ -137,15 +138,7 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
                                           flag="--ref_features")
     extractor = set_amp(extractor or backbone.build(device), config.amp)
     checkpoint.check_extractor(state, config.checkpoint, extractor)
-    if ref_files is not None:
-        bank = encode_references(ref_files, extractor, config.batch_size, device)
-        references = {"source": "--ref_images", "dir": os.path.abspath(config.ref_images),
-                      "images": [os.path.abspath(p) for p in ref_files]}
-    else:
-        bank = reference_features.load_bank(ref_dir, ref_class, extractor.describe(), config.num_ref_shot,
-                                            flag="--ref_features").to(device)
-        references = {"source": "--ref_features", "dir": os.path.join(ref_dir, ref_class),
-                      "meta": reference_features.read_meta(ref_dir, ref_class, "--ref_features")}
+    bank, references = _references(config, extractor, ref_files, ref_dir, ref_class, device)
     references["shots"] = bank.num_shots
     if bank.num_shots < 2 and config.threshold is None:
         raise UserError(f"{references['source']}: one reference image cannot score itself against the others; "
@@ -154,6 +147,19 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
     samples = [Sample(path, 0, (), CLASS) for path, _ in found]
     return PredictionInputs(config, device, state, extractor, model, bank, references, samples, output_names(found),
                             PredictionOutputs(config.out))
+
+
+def _references(config: PredictConfig, extractor: FeatureExtractor, ref_files: Optional[List[str]],
+                ref_dir: Optional[str], ref_class: Optional[str], device: torch.device) -> Tuple[ReferenceBank, dict]:
+    """The bank of ``--ref_images`` (encoded now) or ``--ref_features`` (read and checked), and its record."""
+    if ref_files is not None:
+        bank = encode_references(ref_files, extractor, config.batch_size, device)
+        return bank, {"source": "--ref_images", "dir": os.path.abspath(config.ref_images),
+                      "images": [os.path.abspath(p) for p in ref_files]}
+    bank = reference_features.load_bank(ref_dir, ref_class, extractor.describe(), config.num_ref_shot,
+                                        flag="--ref_features").to(device)
+    return bank, {"source": "--ref_features", "dir": os.path.join(ref_dir, ref_class),
+                  "meta": reference_features.read_meta(ref_dir, ref_class, "--ref_features")}
 
 
 @torch.inference_mode()
