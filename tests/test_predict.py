@@ -209,6 +209,9 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "none of the 2 images could be read" in errors[0]
     assert (out / "scores.csv").read_text() == "earlier results\n" and sorted(os.listdir(out)) == ["scores.csv"]
+    fresh = tmp_path / "fresh"
+    assert run_cli(script.main, [a if a != str(out) else str(fresh) for a in argv]) == 2
+    assert "none of the 2 images could be read" in capsys.readouterr().err and not fresh.exists()
     one = ["--checkpoint", trained.ckpt, "--out", str(out), "--images", trained.images, "--device", "cpu"]
     assert run_cli(script.main, one + ["--ref_images", trained.ref_images, "--num_ref_shot", "1"]) == 2
     assert "--ref_images: one reference image cannot score itself" in capsys.readouterr().err

@@ -179,10 +179,16 @@ def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None)
     cfg, started, n = inputs.config, time.perf_counter(), len(inputs.samples)
     print(f"predict: {n} images, {inputs.bank.num_shots} references ({inputs.references['source']}), backbone "
           f"{inputs.extractor.name}, map {cfg.anomaly_map}, image score {cfg.image_score}, device {inputs.device}")
+    created = not os.path.isdir(cfg.out)
     ensure_dir(cfg.out, "--out")
-    with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, inputs.extractor.feature_sizes,
-                                                          needed_fields(inputs.kind)) as store:
-        record = _passes(inputs, store, started)
+    try:
+        with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, inputs.extractor.feature_sizes,
+                                                              needed_fields(inputs.kind)) as store:
+            record = _passes(inputs, store, started)
+    except BaseException:
+        if created and not os.listdir(cfg.out):  # a run that wrote nothing leaves no empty folder either
+            os.rmdir(cfg.out)
+        raise
     record["seconds"]["total"] = total = time.perf_counter() - started
     record["images_per_second"] = n / total
     save_json(inputs.outputs.run_record(), record)
