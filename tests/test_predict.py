@@ -196,6 +196,12 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
                           f"--ref_features {foreign}", "--backbone wide_resnet50_2",
                           f"--checkpoint {trained.ckpt} holds a model trained with --backbone {OFFLINE_BACKBONE}")
     assert not out.exists()
+    import predict as script
+    (foreign / "meta.json").write_text(json.dumps(dict(meta, resize="full")))
+    argv = [str(a) for a in common] + ["--ref_features", str(foreign), "--images", trained.images]
+    assert run_cli(script.main, argv) == 2 and not out.exists()
+    assert f"--ref_features {foreign}: features were extracted with --resize full, this run uses --resize crop" \
+        in capsys.readouterr().err
     # a run that finds no readable image stops in one line and leaves the previous results as they were
     out.mkdir()
     (out / "scores.csv").write_text("earlier results\n")
@@ -204,7 +210,6 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
     for name in ("a.png", "b.jpg"):
         (unreadable / name).write_bytes(b"junk")
     argv = [str(a) for a in common] + ["--ref_images", trained.ref_images, "--images", str(unreadable)]
-    import predict as script
     assert run_cli(script.main, argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "none of the 2 images could be read" in errors[0]

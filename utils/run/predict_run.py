@@ -22,7 +22,7 @@ from tqdm import tqdm
 from datasets import Sample
 from datasets.files import list_subfolders, walk_image_files
 from models.anomaly_map import ANOMALY_MAP_RECIPES, image_scores
-from models.extractor import FeatureExtractor, set_amp
+from models.extractor import FeatureExtractor, set_amp, set_resize
 from models.matching import ReferenceBank
 from models.resad import ResAD
 from utils.atomic import atomic_path, check_writable, ensure_dir, save_json
@@ -134,9 +134,10 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
     if ref_dir is not None:  # cheap: a wrong backbone costs no backbone build
         meta = reference_features.read_meta(ref_dir, ref_class, "--ref_features")
         whose = f"--checkpoint {config.checkpoint} holds a model trained with --backbone {backbone.name}"
-        reference_features.check_backbone(ref_dir, ref_class, meta, {"backbone": backbone.name}, whose,
+        reference_features.check_backbone(ref_dir, ref_class, meta, {"backbone": backbone.name,
+                                                                     "resize": backbone.resize}, whose,
                                           flag="--ref_features")
-    extractor = set_amp(extractor or backbone.build(device), config.amp)
+    extractor = set_resize(set_amp(extractor or backbone.build(device), config.amp), backbone.resize)
     checkpoint.check_extractor(state, config.checkpoint, extractor)
     bank, references = _references(config, extractor, ref_files, ref_dir, ref_class, device)
     references["shots"] = bank.num_shots
@@ -178,7 +179,8 @@ def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None)
     inputs = prepare_prediction(config, extractor)
     cfg, started, n = inputs.config, time.perf_counter(), len(inputs.samples)
     print(f"predict: {n} images, {inputs.bank.num_shots} references ({inputs.references['source']}), backbone "
-          f"{inputs.extractor.name}, map {cfg.anomaly_map}, image score {cfg.image_score}, device {inputs.device}")
+          f"{inputs.extractor.name} (--resize {inputs.extractor.resize}, the checkpoint's), map {cfg.anomaly_map}, "
+          f"image score {cfg.image_score}, device {inputs.device}")
     created = not os.path.isdir(cfg.out)
     ensure_dir(cfg.out, "--out")
     try:
@@ -307,5 +309,6 @@ def _record(inputs: PredictionInputs, threshold: dict, value_range, counts: dict
         references=inputs.references,
         images={"inputs": [os.path.abspath(p) for p in cfg.images], "count": len(inputs.samples), **counts},
         maps={"anomaly_map": cfg.anomaly_map, "kind": inputs.kind, "image_score": cfg.image_score,
-              "smooth_sigma": cfg.smooth_sigma, "fdm_alpha": cfg.fdm_alpha, "value_range": list(value_range)},
+              "smooth_sigma": cfg.smooth_sigma, "fdm_alpha": cfg.fdm_alpha, "resize": inputs.extractor.resize,
+              "value_range": list(value_range)},
         threshold=threshold, seconds=seconds)
