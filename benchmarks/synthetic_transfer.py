@@ -34,6 +34,7 @@ from datasets.image_io import read_image  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
 from utils.cli.adapters import run_config  # noqa: E402
 from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.cli.presets import PRESETS, parse_with_presets, preset_line  # noqa: E402
 from utils.formats.run_outputs import RunOutputs, mean_row  # noqa: E402
 from utils.run.extraction import extract_reference_features  # noqa: E402
 from utils.run.knn import evaluate_baseline  # noqa: E402
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=list(PRESETS), default="recommended",
+                        help="the recipe of the run (README, Recommended preset)")
     parser.add_argument("--knn_only", action="store_true", help="evaluate only the kNN baseline (no training)")
     return parser.parse_args(argv)
 
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
     extractor = build_extractor(OFFLINE_BACKBONE, device=device)
     refs = os.path.join(args.work_dir, f"refs_{args.shots}shot")
     extract_reference_features("folder", target_shots, refs, extractor, shots=args.shots)
-    train_args = add_training_arguments(Parser()).parse_args([
+    train_args = parse_with_presets(add_training_arguments(Parser()), [
         "--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", source,
         "--target_dataset", "folder", "--test_dataset_dir", target, "--test_ref_feature_dir", refs,
         "--anomaly_source", "synthetic", "--synthetic_defects", *args.train_defects,
@@ -124,7 +127,8 @@ def main(argv=None) -> None:
         "--stage1_epochs", str(args.stage1_epochs), "--lr", str(args.lr), "--batch_size", "16",
         "--eval_batch_size", "16", "--train_ref_shot", "4", "--train_ref_pool", "8", "--eval_freq", str(args.epochs),
         "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device, "--seed", str(args.seed),
-        "--checkpoint_path", os.path.join(args.work_dir, "runs")])
+        "--checkpoint_path", os.path.join(args.work_dir, "runs"), "--preset", args.preset], demo=False)
+    print(preset_line(train_args))
     run = "synthetic_transfer"
     config = run_config(train_args, [args.shots], {args.shots: run})
     if args.knn_only:
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
     knn = pd.read_csv(RunOutputs(os.path.join(args.work_dir, "runs", run), run).baseline_csv(args.epochs))
     wall = time.time() - started
     print(f"\nsynthetic transfer: mvtec few-shot (synthetic {', '.join(args.train_defects)}) -> visa few-shot "
-          f"(held-out {args.test_defect}), {args.shots} references, {args.epochs} epochs, {OFFLINE_BACKBONE}, {device}")
+          f"(held-out {args.test_defect}), preset {args.preset}, {args.shots} references, {args.epochs} epochs, {OFFLINE_BACKBONE}, {device}")
     print(f"{'method':<14}{'image AUROC':>12}{'pixel AUROC':>13}{'AUPRO':>8}")
     for name, table in (("ResAD", resad), ("kNN baseline", knn)):
         mean = mean_row(table)

@@ -99,10 +99,11 @@ def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
 
 # The single maps of a ResAD evaluation: the authors' fused result, each of its two halves alone, and
 # the standardized maps (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
-SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized", "residual", "standardized_residual")
+SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized", "residual", "standardized_residual",
+               "coarse_residual")
 # --anomaly_map: the map a run scores with; "authors" is the fused map.
 ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized",
-                       "standardized_residual": "standardized_residual"}
+                       "standardized_residual": "standardized_residual", "coarse_residual": "coarse_residual"}
 # --image_score: the maximum of the map (authors) or the mean of its top 1 % pixels.
 IMAGE_SCORES = ("max", "mean_top1pct")
 
@@ -171,14 +172,18 @@ def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
 # of the flow, "norm" the constrained residual's |e|, "residual" the raw residual's magnitude |f - r|
 # (the distance to the nearest reference: training-free, close to the kNN baseline's score).
 STANDARDIZED_TERMS = {"standardized": ("nll", "norm"), "residual": ("residual",),
-                      "standardized_residual": ("nll", "norm", "residual")}
+                      "standardized_residual": ("nll", "norm", "residual"), "coarse_residual": ("nll", "residual")}
+# The maps that leave out the finest feature level (stride 4 with the CNN backbones), whose flow
+# log-likelihood localises real defects worst (§2.9); a backbone with one level keeps it.
+COARSE_MAPS = ("coarse_residual",)
 
 
 def standardized_terms(outputs, kind: str) -> List[Sequence[torch.Tensor]]:
     """Per term of ``kind``, the per-level score maps of ``outputs`` (a :class:`models.resad.LevelScores`)."""
     source = {"nll": lambda: [-lp for lp in outputs.logps], "norm": lambda: outputs.norms,
               "residual": lambda: outputs.distances}
-    return [source[term]() for term in STANDARDIZED_TERMS[kind]]
+    first = 1 if kind in COARSE_MAPS and len(outputs.logps) > 1 else 0
+    return [list(source[term]())[first:] for term in STANDARDIZED_TERMS[kind]]
 
 
 @torch.no_grad()

@@ -319,18 +319,21 @@ def test_presets_set_defaults_and_explicit_flags_win():
 
 
 def test_eval_only_with_a_preset_scores_with_its_map_and_says_so(demo, finished_run, tmp_path):
+    from utils.cli.presets import PRESETS
+
     record = json.loads((finished_run / "demo" / "demo_run.json").read_text())
     assert record["args"]["preset"] == "authors"
     latest = finished_run / "demo" / "demo_latest.pth"
     options = ["--eval_only", "--checkpoint", latest, "--setting", "demo", "--test_dataset_dir", demo["root"],
                "--test_ref_feature_dir", demo["refs"], "--num_ref_shot", 2, "--eval_batch_size", 8,
                "--num_workers", 0, "--device", "cpu", "--num_heatmaps", 0]
-    for preset, extra, expected_map in (("recommended", [], "standardized"),
+    recommended = PRESETS["recommended"]["anomaly_map"]
+    for preset, extra, expected_map in (("recommended", [], recommended),
                                         ("recommended", ["--anomaly_map", "authors"], "fused")):
         out = tmp_path / f"{preset}{len(extra)}"
         proc = run("main.py", *options, "--checkpoint_path", out, "--preset", preset, *extra)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines()[0].startswith(f"preset {preset}: --anomaly_map standardized")
+        assert proc.stdout.splitlines()[0].startswith(f"preset {preset}: --anomaly_map {recommended}")
         metrics = pd.read_csv(out / "demo" / "demo_epoch1_metrics.csv")
         maps = pd.read_csv(out / "demo" / "demo_epoch1_maps.csv")
         chosen = maps[maps["Map"] == expected_map].drop(columns="Map").reset_index(drop=True)

@@ -122,7 +122,7 @@ def _check_single_maps(run):
         assert list(maps.columns) == ["Class Name", "Map", *METRIC_NAMES]
         part = {name: rows[list(METRIC_NAMES)].to_numpy() for name, rows in maps.groupby("Map", sort=False)}
         assert list(part) == ["resad", "fused", "normality", "abnormality", "standardized", "residual",
-                              "standardized_residual", "knn"]
+                              "standardized_residual", "coarse_residual", "knn"]
         assert maps[maps["Map"] == "resad"]["Class Name"].tolist() == list(DEMO_UNSEEN) + ["Mean"]
         metrics = pd.read_csv(run / f"demo_epoch{epoch}_metrics.csv")[list(METRIC_NAMES)].to_numpy()
         baseline = pd.read_csv(run / f"demo_epoch{epoch}_baseline.csv")[list(METRIC_NAMES)].to_numpy()
@@ -130,6 +130,7 @@ def _check_single_maps(run):
         assert np.allclose(part["knn"], baseline, atol=1e-5)
         assert not np.allclose(part["normality"], part["abnormality"])
         assert not np.allclose(part["standardized"], part["fused"])
+        assert not np.allclose(part["coarse_residual"], part["standardized_residual"])
 
 
 def _check_history(run, printed, latest):

@@ -332,6 +332,25 @@ def test_standardized_map_follows_its_definition():
     assert np.abs(got - expected).max() < 1e-4
 
 
+def test_coarse_residual_map_leaves_out_the_finest_level():
+    from models.anomaly_map import resad_maps
+    from models.resad import LevelScores
+
+    torch.manual_seed(3)
+    shapes = [(4, 16, 16), (4, 8, 8), (4, 4, 4)]
+    logps = [torch.randn(*s) * 2 - 5 for s in shapes]
+    distances = [torch.rand(*s) * (i + 1) for i, s in enumerate(shapes)]
+    distances[0][0, 3, 3] = 1e3  # an outlier on the finest level must not show in the map
+    outputs = LevelScores(logps, [torch.rand(*s) for s in shapes], [torch.rand(*s) for s in shapes], distances)
+    size, total = 32, 0.0
+    for lp, dist in zip(logps[1:], distances[1:]):  # -logp and the distance, standardized, levels 1 and 2
+        nll, d = -lp.numpy().astype(np.float64), dist.numpy().astype(np.float64)
+        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((d - d.mean()) / d.std(), size)
+    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    got = resad_maps(outputs, "coarse_residual", size=size, sigma=2.0).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+
+
 def test_standardized_statistics_of_parts_equal_the_whole():
     from models.anomaly_map import standardized_maps, standardized_statistics
 

@@ -81,7 +81,7 @@ def run_config(args: argparse.Namespace, shots: Sequence[int], run_names: Mappin
                            synthetic_defects=tuple(args.synthetic_defects))
     evaluation = EvalConfig(tuple(int(k) for k in shots), shots_flag, args.ref_groups, args.fdm_alpha,
                             args.smooth_sigma, args.eval_batch_size, not args.no_aupro, args.num_heatmaps,
-                            args.anomaly_map, args.image_score)
+                            args.anomaly_map, args.image_score, not args.no_map_metrics)
     return RunConfig(dict(run_names), data, backbone_config(args), model, training, evaluation, args.checkpoint_path,
                      args.device, args.seed, args.num_workers, plain_values(vars(args)))
 

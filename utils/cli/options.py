@@ -174,6 +174,8 @@ def _add_run_arguments(run) -> None:
     run.add_argument("--num_heatmaps", type=at_least(0), default=4,
                      help="heat-map images per class after the last epoch")
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
+    run.add_argument("--no_map_metrics", action="store_true",
+                     help="skip <run>_epoch<E>_maps.csv (the metrics of each single map; README, Outputs)")
     run.add_argument("--ref_groups", type=at_least(1), default=1,
                      help="evaluate each k with N seeded draws of k references out of the bank "
                           "(mean and '<metric> std' columns when N > 1)")
@@ -206,7 +208,8 @@ def _add_model_arguments(model) -> None:
     model.add_argument("--anomaly_map", default="authors", choices=list(ANOMALY_MAP_RECIPES),
                        help="authors: the fused normality + abnormality map; standardized: -logp and |e| per "
                             "level, each standardized over the class's positions, summed; standardized_residual: "
-                            "also the distance to the matched reference (README, Recommended preset)")
+                            "also the distance to the matched reference; coarse_residual: -logp and that distance, "
+                            "without the finest level (README, Recommended preset)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
 
