@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parse_with_presets(parser, argv, test_ref_feature_dir=DEMO_REF_DIR)
     mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
-    print(preset_line(args))
+    print(preset_line(args.preset, args.demo))
     shots = sorted(set(args.shots))
     config = run_config(args, shots, shot_names(args.setting, shots, per_shot=True), shots_flag="--shots")
     tune_cpu_allocator()

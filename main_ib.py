@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parse_with_presets(parser, argv, demo=False)
     mode = choose_mode(args, given_flags(parser, argv))  # train, evaluate a checkpoint, or the kNN baseline
-    print(preset_line(args))
+    print(preset_line(args.preset))
     config = run_config(args, [args.num_ref_shot], shot_names(args.setting, [args.num_ref_shot], per_shot=False))
     tune_cpu_allocator()
     run(mode, config, checkpoint=args.checkpoint)

@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(preset_line(args))
+    print(preset_line(args.preset))
     tune_cpu_allocator()
     predict(predict_config(args))
 

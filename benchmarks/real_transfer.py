@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     extract_reference_features("folder", args.target_dir, refs, extractor, shots=max(args.shots))
     parser = add_training_arguments(Parser(), shots_flag="--shots")
     train_args = parse_with_presets(parser, training_argv(args, refs), demo=False)
-    print(preset_line(train_args))
+    print(preset_line(train_args.preset))
     config = run_config(train_args, args.shots, shot_names(RUN, args.shots, per_shot=True), shots_flag="--shots")
     if args.checkpoint:
         evaluate_checkpoint(config, args.checkpoint, extractor=extractor)

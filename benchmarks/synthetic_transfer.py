@@ -128,7 +128,7 @@ def main(argv=None) -> None:
         "--eval_batch_size", "16", "--train_ref_shot", "4", "--train_ref_pool", "8", "--eval_freq", str(args.epochs),
         "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device, "--seed", str(args.seed),
         "--checkpoint_path", os.path.join(args.work_dir, "runs"), "--preset", args.preset], demo=False)
-    print(preset_line(train_args))
+    print(preset_line(train_args.preset))
     run = "synthetic_transfer"
     config = run_config(train_args, [args.shots], {args.shots: run})
     if args.knn_only:

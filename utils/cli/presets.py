@@ -47,11 +47,10 @@ def parse_with_presets(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     return parser.parse_args(argv)
 
 
-def preset_line(args: argparse.Namespace) -> str:
+def preset_line(preset: str, demo: bool = False) -> str:
     """The first line a run prints: its preset and what that preset sets."""
-    values = " ".join(f"--{k} {v}" for k, v in PRESETS[args.preset].items()) or "the authors' defaults"
-    demo = "demo, " if getattr(args, "demo", False) else ""
-    return f"{demo}preset {args.preset}: {values} (an explicit flag overrides a preset value)"
+    values = " ".join(f"--{k} {v}" for k, v in PRESETS[preset].items()) or "the authors' defaults"
+    return f"{'demo, ' if demo else ''}preset {preset}: {values} (an explicit flag overrides a preset value)"
 
 
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
