@@ -37,6 +37,7 @@ from utils.formats import checkpoint  # noqa: E402
 from utils.formats.run_outputs import RunOutputs, class_rows  # noqa: E402
 from utils.run.eval_run import evaluate_checkpoint  # noqa: E402
 from utils.run.extraction import extract_reference_features  # noqa: E402
+from utils.run.knn import evaluate_baseline  # noqa: E402
 from utils.run.train_run import train  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
 
@@ -79,7 +80,10 @@ def result_rows(tables_dir: str, shots, epoch: int) -> pd.DataFrame:
     rows = []
     for k in shots:
         name = f"{RUN}_{k}shot"
-        table = pd.read_csv(RunOutputs(os.path.join(tables_dir, name), name).maps_csv(epoch))
+        out = RunOutputs(os.path.join(tables_dir, name), name)
+        table = pd.read_csv(out.maps_csv(epoch))
+        if "knn" not in set(table["Map"]) and os.path.isfile(out.knn_only_csv()):  # --checkpoint: run beside
+            table = pd.concat([table, pd.read_csv(out.knn_only_csv()).assign(Map="knn")], ignore_index=True)
         for method, part in table.groupby("Map", sort=False):
             mean = part.drop(class_rows(part).index).iloc[-1]
             rows.append({"method": method, "shots": k, **{c: float(mean[m]) for m, c in COLUMNS.items()}})
@@ -100,6 +104,7 @@ def main(argv=None) -> None:
     config = run_config(train_args, args.shots, shot_names(RUN, args.shots, per_shot=True), shots_flag="--shots")
     if args.checkpoint:
         evaluate_checkpoint(config, args.checkpoint, extractor=extractor)
+        evaluate_baseline(config, extractor=extractor)  # the baseline beside it, as a training run does
     else:
         train(config, extractor=extractor)
     epoch = _epoch_of(args)
