@@ -285,14 +285,21 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
 def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     out = tmp_path / "out"
     latest = out / "demo" / "demo_latest.pth"
-    proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, out, **{"--epochs": 5}))],
+    proc = subprocess.Popen([sys.executable, "main.py", *map(str, main_args(demo, out, **{"--epochs": 50}))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    # Python drops a KeyboardInterrupt raised inside a finalizer (__del__, a weakref callback), which can
+    # happen under load: a user then presses Ctrl-C again, and so does the test, once the run has had a
+    # minute to stop (a second signal while it is exiting would kill it).
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and "--resume" in stderr
     assert torch.load(latest, weights_only=True)["epoch"] >= 1

@@ -83,6 +83,7 @@ class TinyExtractor:
     image_size = 32
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
+    resize = "crop"
 
     def __init__(self):
         self.images_seen = 0
