@@ -100,10 +100,11 @@ def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
 # The single maps of a ResAD evaluation: the authors' fused result, each of its two halves alone, and
 # the standardized maps (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
 SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized", "residual", "standardized_residual",
-               "coarse_residual")
+               "coarse_residual", "coarse_knn")
 # --anomaly_map: the map a run scores with; "authors" is the fused map.
 ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized",
-                       "standardized_residual": "standardized_residual", "coarse_residual": "coarse_residual"}
+                       "standardized_residual": "standardized_residual", "coarse_residual": "coarse_residual",
+                       "coarse_knn": "coarse_knn"}
 # --image_score: the maximum of the map (authors) or the mean of its top 1 % pixels.
 IMAGE_SCORES = ("max", "mean_top1pct")
 
@@ -170,20 +171,33 @@ def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
 
 # The standardized maps (§2.9): which per-level scores each one standardizes and sums.  "nll" is -logp
 # of the flow, "norm" the constrained residual's |e|, "residual" the raw residual's magnitude |f - r|
-# (the distance to the nearest reference: training-free, close to the kNN baseline's score).
+# (the distance to the matched reference: training-free, close to the kNN baseline's score), "knn" the
+# Euclidean distance to the nearest reference (the kNN baseline's score itself, §6).
 STANDARDIZED_TERMS = {"standardized": ("nll", "norm"), "residual": ("residual",),
-                      "standardized_residual": ("nll", "norm", "residual"), "coarse_residual": ("nll", "residual")}
+                      "standardized_residual": ("nll", "norm", "residual"), "coarse_residual": ("nll", "residual"),
+                      "coarse_knn": ("nll", "knn")}
+# The model output (a field of models.resad.LevelScores) each term is read from.
+TERM_FIELDS = {"nll": "logps", "norm": "norms", "residual": "distances", "knn": "nearest"}
 # The maps that leave out the finest feature level (stride 4 with the CNN backbones), whose flow
 # log-likelihood localises real defects worst (§2.9); a backbone with one level keeps it.
-COARSE_MAPS = ("coarse_residual",)
+COARSE_MAPS = ("coarse_residual", "coarse_knn")
 
 
 def standardized_terms(outputs, kind: str) -> List[Sequence[torch.Tensor]]:
     """Per term of ``kind``, the per-level score maps of ``outputs`` (a :class:`models.resad.LevelScores`)."""
-    source = {"nll": lambda: [-lp for lp in outputs.logps], "norm": lambda: outputs.norms,
-              "residual": lambda: outputs.distances}
     first = 1 if kind in COARSE_MAPS and len(outputs.logps) > 1 else 0
-    return [list(source[term]())[first:] for term in STANDARDIZED_TERMS[kind]]
+    terms = []
+    for term in STANDARDIZED_TERMS[kind]:
+        maps = list(getattr(outputs, TERM_FIELDS[term]))
+        if not maps:
+            raise ValueError(f"the map {kind!r} needs the model output {TERM_FIELDS[term]!r}, which was not computed")
+        terms.append([-m for m in maps[first:]] if term == "nll" else maps[first:])
+    return terms
+
+
+def needs_nearest(kind: str) -> bool:
+    """Whether the map ``kind`` needs the distances to the nearest reference (one more search per batch)."""
+    return "knn" in STANDARDIZED_TERMS.get(kind, ())
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from models.constraintor import FeatureConstraintor
 from models.flow import FLOW_ARCHS, LevelFlow, grid_coordinates, log_likelihoods
+from models.knn_baseline import knn_level_maps
 from models.matching import DEFAULT_MATCHER, Matcher, ReferenceBank
 from models.positions import flatten_positions
 from models.residual import RESIDUAL_MODES, match_feature_distribution, residual_distance, residual_features
@@ -30,11 +31,14 @@ INFERENCE_CHUNK = {"cuda": 65536, "cpu": 4096}
 class LevelScores(NamedTuple):
     """What ResAD returns for a batch, per level (B, H, W) maps: the flow's log-likelihood logp, the
     abnormal probability softmax([logp, logp_a])[1], the norm |e| of the constrained residual and the
-    distance |f - r| of each feature to its matched reference (before distribution matching)."""
+    distance |f - r| of each feature to its matched reference (before distribution matching); and, when
+    asked for (:meth:`ResAD.forward_shots` with ``nearest=True``), the Euclidean distance of each feature
+    to its nearest reference feature, the kNN baseline's score (docs/method.md §6); else an empty list."""
     logps: List[torch.Tensor]
     abnormal_probs: List[torch.Tensor]
     norms: List[torch.Tensor]
     distances: List[torch.Tensor]
+    nearest: List[torch.Tensor] = []
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,20 @@ class ResAD(nn.Module):
         return self.score_residuals(self.residuals(features, bank))
 
     @torch.no_grad()
-    def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank,
-                      shots: Sequence[int]) -> Dict[int, LevelScores]:
-        """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching."""
+    def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank, shots: Sequence[int],
+                      nearest: bool = False) -> Dict[int, LevelScores]:
+        """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching.
+        ``nearest``: also the distances to the nearest reference (:attr:`LevelScores.nearest`), from one
+        more search of the same bank."""
         with stage("matching"):
             matched = self.matcher.match_by_shots(features, bank, shots)
-        return {k: self.score_residuals(residual_features(features, matched[k], self.config.residual))
-                for k in shots}
+        scores = {k: self.score_residuals(residual_features(features, matched[k], self.config.residual))
+                  for k in shots}
+        if nearest:
+            with stage("kNN search"):
+                found = knn_level_maps(features, bank, shots, self.matcher)
+            scores = {k: found_k._replace(nearest=found[k]) for k, found_k in scores.items()}
+        return scores
 
     def distribution_match(self, residuals: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """EFDM of each residual map toward its VQ-quantised version (docs/method.md §2.5)."""

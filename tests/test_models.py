@@ -351,6 +351,50 @@ def test_coarse_residual_map_leaves_out_the_finest_level():
     assert np.abs(got - expected).max() < 1e-4
 
 
+def test_coarse_knn_map_sums_the_coarse_nll_and_nearest_reference_distances():
+    from models.anomaly_map import needs_nearest, resad_maps
+    from models.resad import LevelScores
+
+    torch.manual_seed(4)
+    shapes = [(3, 16, 16), (3, 8, 8), (3, 4, 4)]
+    logps = [torch.randn(*s) * 2 - 5 for s in shapes]
+    nearest = [torch.rand(*s) * (i + 2) for i, s in enumerate(shapes)]
+    nearest[0][1, 2, 2] = 1e3  # the finest level is left out
+    rest = [torch.rand(*s) for s in shapes]
+    outputs = LevelScores(logps, rest, rest, rest, nearest)
+    size, total = 32, 0.0
+    for lp, dist in zip(logps[1:], nearest[1:]):
+        nll, d = -lp.numpy().astype(np.float64), dist.numpy().astype(np.float64)
+        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((d - d.mean()) / d.std(), size)
+    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    got = resad_maps(outputs, "coarse_knn", size=size, sigma=2.0).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert needs_nearest("coarse_knn") and not needs_nearest("coarse_residual") and not needs_nearest("fused")
+    with pytest.raises(ValueError, match="nearest"):
+        resad_maps(outputs._replace(nearest=[]), "coarse_knn", size=size)
+
+
+def test_forward_shots_nearest_is_the_brute_force_nearest_reference_distance():
+    from models.matching import ReferenceBank
+    from models.resad import ModelConfig, ResAD
+
+    torch.manual_seed(5)
+    channels, sizes = [5, 6], [6, 3]
+    model = ResAD(channels, ModelConfig(num_embeddings=16, coupling_layers=2, pos_embed_dim=8)).eval()
+    features = [torch.randn(2, c, s, s) for c, s in zip(channels, sizes)]
+    references = [torch.randn(4, c, s, s) for c, s in zip(channels, sizes)]
+    bank = ReferenceBank.from_features(references)
+    scores = model.forward_shots(features, bank, [1, 4], nearest=True)
+    plain = model.forward_shots(features, bank, [1, 4])
+    for k in (1, 4):
+        assert plain[k].nearest == [] and all(torch.equal(a, b) for a, b in zip(plain[k].logps, scores[k].logps))
+        for feature, refs, got in zip(features, references, scores[k].nearest):
+            queries = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double()
+            rows = refs[:k].permute(0, 2, 3, 1).reshape(-1, refs.shape[1]).double()
+            expected = torch.cdist(queries, rows).min(dim=1).values.reshape(got.shape)
+            assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
 def test_standardized_statistics_of_parts_equal_the_whole():
     from models.anomaly_map import standardized_maps, standardized_statistics
 

@@ -87,7 +87,8 @@ def test_predict_end_to_end_writes_scores_heatmaps_maps_and_a_record(trained, tm
 
 
 @pytest.mark.parametrize("anomaly_map, image_score", [("authors", "max"), ("standardized", "mean_top1pct"),
-                                                     ("coarse_residual", "mean_top1pct")])
+                                                     ("coarse_residual", "mean_top1pct"),
+                                                     ("coarse_knn", "mean_top1pct")])
 def test_scores_equal_the_evaluation_of_the_same_images_and_references(trained, tmp_path, anomaly_map, image_score):
     """Predicted in chunks of 2 images (the set's statistics gathered over three chunks) against the evaluation's
     own code path on the whole class at once (8 images a batch), same references."""

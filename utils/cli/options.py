@@ -209,7 +209,9 @@ def _add_model_arguments(model) -> None:
                        help="authors: the fused normality + abnormality map; standardized: -logp and |e| per "
                             "level, each standardized over the class's positions, summed; standardized_residual: "
                             "also the distance to the matched reference; coarse_residual: -logp and that distance, "
-                            "without the finest level (README, Recommended preset)")
+                            "without the finest level; coarse_knn: -logp and the distance to the nearest "
+                            "reference (the kNN score), without the finest level (README, "
+                            "Recommended preset)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
 from datasets.base import has_pixel_labels
-from models.anomaly_map import ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, resad_maps
+from models.anomaly_map import ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, needs_nearest, resad_maps
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
@@ -96,6 +96,7 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
             for g in range(len(group_banks)) for k in config.shots}
     labels, masks = [], []
     knn = KnnAccumulator(knn_shots, model.matcher) if knn_shots is not None else None
+    nearest = needs_nearest(ANOMALY_MAP_RECIPES[config.anomaly_map])
     loader = make_loader(samples, extractor, config.batch_size, num_workers)
     for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"eval {class_name}",
                       leave=False, dynamic_ncols=True):
@@ -103,9 +104,9 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
         if knn is not None:
             knn.add(features, group_banks[0])
         for g, bank in enumerate(group_banks):
-            for k, outputs in model.forward_shots(features, bank, config.shots).items():
+            for k, outputs in model.forward_shots(features, bank, config.shots, nearest=nearest).items():
                 for kept, batch_maps in zip(maps[g, k], outputs):
-                    for level in levels:
+                    for level in range(len(batch_maps)):   # no levels for the outputs not asked for
                         kept[level].append(batch_maps[level])
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
@@ -119,7 +120,7 @@ def _class_result(scores: _ClassScores, k: int, class_name: str, samples: Sequen
     groups, heat, single = [], [], {}
     kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
     for g in range(config.ref_groups):
-        outputs = LevelScores(*([torch.cat(level) for level in kept] for kept in scores.maps.pop((g, k))))
+        outputs = LevelScores(*([torch.cat(level) for level in kept if level] for kept in scores.maps.pop((g, k))))
         with stage("anomaly maps"):
             maps = resad_maps(outputs, kind, size=extractor.image_size, sigma=config.smooth_sigma).numpy()
         groups.append(_metrics(maps, scores, config))
@@ -148,6 +149,8 @@ def _single_map_metrics(outputs: LevelScores, kind: str, result: Dict[str, float
     for name in SINGLE_MAPS:
         if name == kind:
             single[name] = result
+            continue
+        if needs_nearest(name) and not outputs.nearest:   # a map of the kNN distances only when computed
             continue
         with stage("single maps"):
             maps = resad_maps(outputs, name, size=extractor.image_size, sigma=config.smooth_sigma).numpy()

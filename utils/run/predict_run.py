@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from datasets import Sample
 from datasets.files import list_subfolders, walk_image_files
-from models.anomaly_map import ANOMALY_MAP_RECIPES, image_scores
+from models.anomaly_map import ANOMALY_MAP_RECIPES, image_scores, needs_nearest
 from models.extractor import FeatureExtractor, set_amp, set_resize
 from models.matching import ReferenceBank
 from models.resad import ResAD
@@ -238,7 +238,8 @@ def _threshold(inputs: PredictionInputs, statistics) -> dict:
         print(f"threshold {cfg.threshold:.6g} (--threshold)")
         return {"value": float(cfg.threshold), "from": "--threshold"}
     flag = "--ref_images" if cfg.ref_images else "--ref_features"
-    outputs = leave_one_out_outputs(inputs.model, inputs.bank, inputs.extractor.feature_sizes, flag)
+    outputs = leave_one_out_outputs(inputs.model, inputs.bank, inputs.extractor.feature_sizes, flag,
+                                    nearest=needs_nearest(inputs.kind))
     maps = build_maps(outputs, inputs.kind, statistics, inputs.extractor.image_size, cfg.smooth_sigma)
     scores = image_scores(maps, cfg.image_score).numpy().astype(np.float64)
     value = reference_threshold(scores, cfg.threshold_quantile)

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
-from models.anomaly_map import (STANDARDIZED_TERMS, LevelMoments, MapStatistics, anomaly_maps, level_moments,
-                                map_statistics, standardized_maps, standardized_terms)
+from models.anomaly_map import (STANDARDIZED_TERMS, TERM_FIELDS, LevelMoments, MapStatistics, anomaly_maps,
+                                level_moments, map_statistics, standardized_maps, standardized_terms)
 from models.extractor import FeatureExtractor
 from models.matching import ReferenceBank
 from models.positions import unflatten_positions
@@ -29,8 +29,7 @@ from utils.run.loaders import make_loader
 from utils.stages import staged
 
 # The model outputs (fields of LevelScores) each map needs: the terms of the standardized maps
-# (§2.9), -logp and the abnormal probability for the authors' maps (§2.8).
-TERM_FIELDS = {"nll": "logps", "norm": "norms", "residual": "distances"}
+# (§2.9, TERM_FIELDS), -logp and the abnormal probability for the authors' maps (§2.8).
 FUSED_KINDS = ("fused", "normality", "abnormality")
 Statistics = Union[MapStatistics, List[LevelMoments]]
 
@@ -160,7 +159,7 @@ def score_images(model: ResAD, extractor: FeatureExtractor, bank: ReferenceBank,
         images = batch["image"] if len(good) == len(batch["error"]) else batch["image"][good]
         features = extractor(images.to(device, non_blocking=True))
         indices = start + np.asarray(good)
-        store.put(indices, model.forward_shots(features, bank, [k])[k])
+        store.put(indices, model.forward_shots(features, bank, [k], nearest="nearest" in store.fields)[k])
         read[indices] = True
     return read
 
@@ -173,8 +172,9 @@ def reference_features(bank: ReferenceBank, feature_sizes: Sequence[Tuple[int, i
 
 @torch.inference_mode()
 def leave_one_out_outputs(model: ResAD, bank: ReferenceBank, feature_sizes: Sequence[Tuple[int, int]],
-                          flag: str = "--ref_images") -> LevelScores:
-    """The outputs of each of the k references scored against a bank of the other k-1 (§11)."""
+                          flag: str = "--ref_images", nearest: bool = False) -> LevelScores:
+    """The outputs of each of the k references scored against a bank of the other k-1 (§11); ``nearest``:
+    with the distances to the nearest reference (:meth:`ResAD.forward_shots`)."""
     k = bank.num_shots
     if k < 2:
         raise UserError(f"{flag}: one reference image cannot score itself against the others; give at least "
@@ -183,9 +183,10 @@ def leave_one_out_outputs(model: ResAD, bank: ReferenceBank, feature_sizes: Sequ
     parts = []
     for shot in range(k):
         others = bank.select_shots([j for j in range(k) if j != shot])
-        parts.append(model.forward_shots(reference_features(bank, feature_sizes, shot), others, [k - 1])[k - 1])
+        features = reference_features(bank, feature_sizes, shot)
+        parts.append(model.forward_shots(features, others, [k - 1], nearest=nearest)[k - 1])
     return LevelScores(*([torch.cat([getattr(p, name)[level] for p in parts]) for level in range(len(feature_sizes))]
-                         for name in LevelScores._fields))
+                         if getattr(parts[0], name) else [] for name in LevelScores._fields))
 
 
 def reference_threshold(scores: np.ndarray, quantile: Optional[float]) -> float:
