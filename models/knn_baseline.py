@@ -83,8 +83,13 @@ class KnnAccumulator:
             return
         with stage("kNN search"):
             found = knn_level_maps(features, bank, list(self.levels), self.matcher)
-        for k, maps in found.items():
-            self.levels[k].append([m.cpu() for m in maps])
+        self.add_found(found)
+
+    def add_found(self, found: Dict[int, List[torch.Tensor]]) -> None:
+        """Keep a batch's per-level distance maps found elsewhere (``found[k]``: :func:`knn_level_maps`'s
+        maps for k shots, e.g. ResAD's :attr:`LevelScores.nearest`), for every k this accumulator keeps."""
+        for k in self.levels:
+            self.levels[k].append([m.cpu() for m in found[k]])
 
     def maps(self, shots: int, size: int, sigma: float) -> torch.Tensor:
         batches = self.levels[shots]

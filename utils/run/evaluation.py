@@ -101,10 +101,13 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
     for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"eval {class_name}",
                       leave=False, dynamic_ncols=True):
         features = extractor(batch["image"].to(device, non_blocking=True))
-        if knn is not None:
+        if knn is not None and not nearest:
             knn.add(features, group_banks[0])
         for g, bank in enumerate(group_banks):
-            for k, outputs in model.forward_shots(features, bank, config.shots, nearest=nearest).items():
+            scored = model.forward_shots(features, bank, config.shots, nearest=nearest)
+            if knn is not None and nearest and g == 0:  # the baseline's search is the one just done
+                knn.add_found({k: outputs.nearest for k, outputs in scored.items()})
+            for k, outputs in scored.items():
                 for kept, batch_maps in zip(maps[g, k], outputs):
                     for level in range(len(batch_maps)):   # no levels for the outputs not asked for
                         kept[level].append(batch_maps[level])
