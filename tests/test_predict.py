@@ -112,6 +112,22 @@ def test_scores_equal_the_evaluation_of_the_same_images_and_references(trained, 
         assert np.allclose(raw, evaluated[path]["map"], rtol=1e-3, atol=1e-3)  # float16 files
 
 
+def test_knn_baseline_beside_coarse_knn_reuses_its_search_with_the_same_metrics(trained):
+    """Under coarse_knn the baseline reads ResAD's nearest-reference distances instead of searching again;
+    its metrics must equal those of its own search (the authors' map) on the same images, k = 2 and 4."""
+    state = checkpoint.open_model(trained.ckpt)
+    model = checkpoint.build_model(state, trained.extractor, 0.4, torch.device("cpu"))
+    bank = reference_features.load_bank(trained.refs, CLASS, trained.extractor.describe(), 4)
+    samples = evaluation_samples("demo", trained.root, CLASS)
+    knn = {}
+    for anomaly_map in ("authors", "coarse_knn"):
+        settings = EvalConfig(shots=(2, 4), batch_size=3, aupro=True, anomaly_map=anomaly_map, map_metrics=False)
+        result = evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
+                          knn_cache={})
+        knn[anomaly_map] = {k: result[k][CLASS].knn for k in (2, 4)}
+    assert knn["authors"] == knn["coarse_knn"] and knn["authors"][2] != knn["authors"][4]
+
+
 def test_threshold_is_the_leave_one_out_reference_scores_max_or_quantile(trained, tmp_path):
     """By hand: each reference image encoded alone and scored with ResAD.forward against a bank built from the
     other three images' features; maps with the statistics of the whole test set computed at once."""
