@@ -33,12 +33,12 @@ class LevelScores(NamedTuple):
     abnormal probability softmax([logp, logp_a])[1], the norm |e| of the constrained residual and the
     distance |f - r| of each feature to its matched reference (before distribution matching); and, when
     asked for (:meth:`ResAD.forward_shots` with ``nearest=True``), the Euclidean distance of each feature
-    to its nearest reference feature, the kNN baseline's score (docs/method.md §6); else an empty list."""
+    to its nearest reference feature, the kNN baseline's score (docs/method.md §6); else empty."""
     logps: List[torch.Tensor]
     abnormal_probs: List[torch.Tensor]
     norms: List[torch.Tensor]
     distances: List[torch.Tensor]
-    nearest: List[torch.Tensor] = []
+    nearest: Sequence[torch.Tensor] = ()   # immutable default: one shared by every instance
 
 
 @dataclass(frozen=True)

@@ -332,6 +332,16 @@ def test_standardized_map_follows_its_definition():
     assert np.abs(got - expected).max() < 1e-4
 
 
+def _coarse_reference(logps, distances, size, sigma):
+    """The coarse maps by hand: -logp and a distance, each standardized over the set with numpy moments,
+    on levels 1 and 2 only, up-sampled by scipy, summed and smoothed."""
+    total = 0.0
+    for lp, dist in zip(logps[1:], distances[1:]):
+        nll, d = -lp.numpy().astype(np.float64), dist.numpy().astype(np.float64)
+        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((d - d.mean()) / d.std(), size)
+    return np.stack([ndi.gaussian_filter(m, sigma) for m in total])
+
+
 def test_coarse_residual_map_leaves_out_the_finest_level():
     from models.anomaly_map import resad_maps
     from models.resad import LevelScores
@@ -342,11 +352,8 @@ def test_coarse_residual_map_leaves_out_the_finest_level():
     distances = [torch.rand(*s) * (i + 1) for i, s in enumerate(shapes)]
     distances[0][0, 3, 3] = 1e3  # an outlier on the finest level must not show in the map
     outputs = LevelScores(logps, [torch.rand(*s) for s in shapes], [torch.rand(*s) for s in shapes], distances)
-    size, total = 32, 0.0
-    for lp, dist in zip(logps[1:], distances[1:]):  # -logp and the distance, standardized, levels 1 and 2
-        nll, d = -lp.numpy().astype(np.float64), dist.numpy().astype(np.float64)
-        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((d - d.mean()) / d.std(), size)
-    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    size = 32
+    expected = _coarse_reference(logps, distances, size, sigma=2.0)
     got = resad_maps(outputs, "coarse_residual", size=size, sigma=2.0).numpy()
     assert np.abs(got - expected).max() < 1e-4
 
@@ -362,11 +369,8 @@ def test_coarse_knn_map_sums_the_coarse_nll_and_nearest_reference_distances():
     nearest[0][1, 2, 2] = 1e3  # the finest level is left out
     rest = [torch.rand(*s) for s in shapes]
     outputs = LevelScores(logps, rest, rest, rest, nearest)
-    size, total = 32, 0.0
-    for lp, dist in zip(logps[1:], nearest[1:]):
-        nll, d = -lp.numpy().astype(np.float64), dist.numpy().astype(np.float64)
-        total = total + _scipy_up((nll - nll.mean()) / nll.std(), size) + _scipy_up((d - d.mean()) / d.std(), size)
-    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    size = 32
+    expected = _coarse_reference(logps, nearest, size, sigma=2.0)
     got = resad_maps(outputs, "coarse_knn", size=size, sigma=2.0).numpy()
     assert np.abs(got - expected).max() < 1e-4
     assert needs_nearest("coarse_knn") and not needs_nearest("coarse_residual") and not needs_nearest("fused")
@@ -387,7 +391,7 @@ def test_forward_shots_nearest_is_the_brute_force_nearest_reference_distance():
     scores = model.forward_shots(features, bank, [1, 4], nearest=True)
     plain = model.forward_shots(features, bank, [1, 4])
     for k in (1, 4):
-        assert plain[k].nearest == [] and all(torch.equal(a, b) for a, b in zip(plain[k].logps, scores[k].logps))
+        assert len(plain[k].nearest) == 0 and all(torch.equal(a, b) for a, b in zip(plain[k].logps, scores[k].logps))
         for feature, refs, got in zip(features, references, scores[k].nearest):
             queries = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double()
             rows = refs[:k].permute(0, 2, 3, 1).reshape(-1, refs.shape[1]).double()

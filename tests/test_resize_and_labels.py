@@ -139,21 +139,23 @@ def folder_tree(root, label_only=("nut",), masked=("tile",)) -> str:
     for i in range(2):
         save(root / "bolt" / "train" / "good" / f"{i:03d}.png", texture(i, 32, 32))
     for c in label_only:
-        for i in range(2):
-            save(root / c / "train" / "good" / f"{i:03d}.png", texture(10 + i, 32, 32))
-            save(root / c / "test" / "good" / f"{i:03d}.png", texture(20 + i, 32, 32))
-            bad = texture(30 + i, 32, 32)
-            bad[8:24, 8:24] = 255
-            save(root / c / "test" / "crack" / f"{i:03d}.png", bad)
+        _class_images(root / c, seed=10, width=32, defect=(slice(8, 24), slice(8, 24)))
     for c in masked:
+        _class_images(root / c, seed=40, width=64, defect=(slice(4, 28), slice(0, 10)))
         for i in range(2):
-            save(root / c / "train" / "good" / f"{i:03d}.png", texture(40 + i, 64, 32))
-            save(root / c / "test" / "good" / f"{i:03d}.png", texture(50 + i, 64, 32))
-            bad = texture(60 + i, 64, 32)
-            bad[4:28, 0:10] = 255
-            save(root / c / "test" / "crack" / f"{i:03d}.png", bad)
             save(root / c / "ground_truth" / "crack" / f"{i:03d}_mask.png", box(64, 32, 0, 4, 10, 28))
     return str(root)
+
+
+def _class_images(folder, seed: int, width: int, defect) -> None:
+    """Two train/good, two test/good and two test/crack images (``width`` x 32; the crack a white
+    ``defect`` region) of one class."""
+    for i in range(2):
+        save(folder / "train" / "good" / f"{i:03d}.png", texture(seed + i, width, 32))
+        save(folder / "test" / "good" / f"{i:03d}.png", texture(seed + 10 + i, width, 32))
+        bad = texture(seed + 20 + i, width, 32)
+        bad[defect] = 255
+        save(folder / "test" / "crack" / f"{i:03d}.png", bad)
 
 
 def test_a_mix_of_masked_and_unmasked_images_names_the_first_without(tmp_path):
