@@ -133,5 +133,5 @@ class LegacyReferencePool(TrainReferencePool):
         self.features = {name: [level[torch.from_numpy(np.flatnonzero(owners == name)).to(self.device)]
                                 for level in encoded] for name in self.normals}
 
-    def lookup(self, paths):
+    def lookup(self, paths, labels):
         return None

@@ -128,10 +128,43 @@ def test_pool_encodes_only_new_images_and_serves_batches(tiny_images):
                 assert torch.allclose(level, direct, atol=1e-6)
     inside = list(pool._where)[:3]
     batch = next(iter(make_loader([Sample(p, 0, (), "x") for p in inside], extractor, 8, 0)))
-    for got, direct in zip(pool.lookup(inside), TinyExtractor()(batch["image"])):
+    normal = torch.zeros(len(inside), dtype=torch.long)
+    for got, direct in zip(pool.lookup(inside, normal), TinyExtractor()(batch["image"])):
         assert torch.allclose(got, direct, atol=1e-6)
     outside = next(s.image for group in tiny_images.values() for s in group if s.image not in pool._where)
-    assert pool.lookup(inside + [outside]) is None
+    assert pool.lookup(inside + [outside], torch.zeros(len(inside) + 1)) is None
+    assert pool.lookup(inside, torch.tensor([0, 1, 0])) is None  # an anomalous item: never the pool's features
+
+
+def test_synthetic_anomalies_on_pool_images_are_encoded_not_looked_up(tiny_images):
+    """Stage 2 with synthetic anomalies drawn on the very images of the pool: the model must see the
+    defective images' features (a synthetic item keeps its normal image's path)."""
+    from datasets.anomaly_source import SyntheticAnomalyDataset
+    from tests.run_helpers import make_args
+    from utils.cli.adapters import run_config
+    from utils.run.loaders import make_loader
+    from utils.run.reference_pool import TrainReferencePool
+    from utils.run.training import Trainer, train_one_epoch
+
+    samples = [s for group in tiny_images.values() for s in group]
+    extractor = TinyExtractor()
+    pool = TrainReferencePool(extractor, tiny_images, 3, 4, 0, torch.device("cpu"))  # every image is in it
+    pool.refresh(torch.Generator().manual_seed(0))
+    synthetic = lambda *a, **k: SyntheticAnomalyDataset(*a, fraction=1.0, seed=0, **k)  # noqa: E731
+    loader = make_loader(samples, extractor, 3, 0, dataset_class=synthetic)
+    model = ResAD(TinyExtractor.channels, ModelConfig(num_embeddings=16, coupling_layers=2, pos_embed_dim=16))
+    trainer = Trainer(model, run_config(make_args(train_ref_shot=2, batch_size=3), [4], {4: "run"}).training)
+    seen = []
+    trainer.train_step = lambda features, *rest: seen.append([f.clone() for f in features]) or {}
+    train_one_epoch(trainer, extractor, loader, pool, True, torch.Generator().manual_seed(0),
+                    torch.device("cpu"), desc="test")
+    batches = list(loader)
+    assert len(seen) == len(batches) == 2 and all(int(b["label"].sum()) == 3 for b in batches)
+    for used, batch in zip(seen, batches):
+        direct = TinyExtractor()(batch["image"])
+        clean = pool.lookup(batch["path"], torch.zeros(3))
+        assert all(torch.allclose(u, d, atol=1e-6) for u, d in zip(used, direct))
+        assert not torch.allclose(used[0], clean[0], atol=1e-3)  # the defects are in what the model saw
 
 
 def test_training_epoch_gives_the_losses_of_the_previous_implementation(tiny_images):

@@ -68,9 +68,14 @@ class TrainReferencePool:
         self._where = {s.image: (name, row) for name, picks in chosen.items() for row, s in enumerate(picks)}
         self.encoded_last_refresh = len(missing)
 
-    def lookup(self, paths: Sequence[str]) -> Optional[List[torch.Tensor]]:
-        """Per-level features of these images from the pool, or None unless all of them are in it."""
-        if not self._where or any(p not in self._where for p in paths):
+    def lookup(self, paths: Sequence[str], labels: torch.Tensor) -> Optional[List[torch.Tensor]]:
+        """Per-level features of these images from the pool, or None unless all of them are in it.
+
+        The pool holds the features of unmodified normal images, so a batch with an anomalous item
+        is never served from it: a synthetic anomaly keeps the path of the normal image it was drawn
+        on, and the pool's features of that path are those of the image without the defect.
+        """
+        if not self._where or bool(torch.as_tensor(labels).any()) or any(p not in self._where for p in paths):
             return None
         places = [self._where[p] for p in paths]
         return [torch.stack([self.features[name][level][row] for name, row in places])

@@ -176,7 +176,7 @@ def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataL
     bar = tqdm(staged(loader, "loading"), total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
     for batch in bar:
         masks = batch["mask"].to(device, non_blocking=True)
-        features = pool.lookup(batch["path"])
+        features = pool.lookup(batch["path"], batch["label"])
         if features is None:
             features = extractor(batch["image"].to(device, non_blocking=True))
         residuals = batch_residuals(model, features, batch["class_name"],
