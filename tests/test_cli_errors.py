@@ -184,6 +184,12 @@ def test_bad_flag_values(demo, tmp_path, flag, value, fragment):
     assert_user_error(run("main.py", *main_args(demo, out, **{flag: value})), fragment, out=out)
 
 
+def test_exclude_self_needs_one_more_training_image_than_shots(demo, tmp_path):
+    out = tmp_path / "out"
+    argv = main_args(demo, out, **{"--train_ref_shot": 3}) + ["--train_exclude_self"]  # the pool holds 3
+    assert_user_error(run("main.py", *argv), "--train_ref_shot 3", "--train_exclude_self", out=out)
+
+
 def test_output_folder_not_writable(demo, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -243,7 +243,7 @@ def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
     model.train()
     with torch.no_grad():
         features = extractor(batch["image"])
-        residuals = batch_residuals(model, features, batch["class_name"], lambda c: pool.bank(c, 2, generator))
+        residuals = batch_residuals(model, features, batch["class_name"], lambda c, rows: [(rows, pool.bank(c, 2, generator))])
         constrained = model.constraintor(residuals)
     masks = [m.reshape(-1) for m in level_masks(batch["mask"], features)]
     rows = [(flatten_positions(e), grid_coordinates(e.shape[2], e.shape[3], e.device).repeat(e.shape[0], 1))

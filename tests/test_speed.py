@@ -136,6 +136,38 @@ def test_pool_encodes_only_new_images_and_serves_batches(tiny_images):
     assert pool.lookup(inside, torch.tensor([0, 1, 0])) is None  # an anomalous item: never the pool's features
 
 
+def test_references_without_self_never_hold_the_image_and_share_one_draw(tiny_images):
+    """--train_exclude_self: every image of a class gets `shots` references of its class, none of them
+    itself; the images the draw did not pick share the very bank that --train_exclude_self off draws."""
+    from models.positions import flatten_positions
+    from utils.run.reference_pool import TrainReferencePool
+
+    pool = TrainReferencePool(TinyExtractor(), tiny_images, pool_size=3, batch_size=4, num_workers=0,
+                              device=torch.device("cpu"))
+    pool.refresh(torch.Generator().manual_seed(0))
+
+    def images(bank):  # one row per reference image (coarsest level, image-major rows)
+        return [tuple(r.tolist()) for r in bank.levels[-1].reshape(bank.num_shots, -1)]
+
+    for name, group in tiny_images.items():
+        paths = [s.image for s in group]
+        own = [tuple(flatten_positions(f[None]).reshape(-1).tolist()) for f in pool.lookup(paths, torch.zeros(3))[-1]]
+        assert len(set(own)) == 3
+        for seed in range(6):
+            banks = pool.banks_without_self(name, paths, 2, torch.Generator().manual_seed(seed))
+            plain = images(pool.bank(name, 2, torch.Generator().manual_seed(seed)))
+            assert sorted(i for rows, _ in banks for i in rows.tolist()) == [0, 1, 2]
+            for rows, bank in banks:
+                refs = images(bank)
+                assert len(set(refs)) == 2 and set(refs) <= set(own)
+                for i in rows.tolist():
+                    assert own[i] not in refs  # never the image itself
+                    if own[i] not in plain:
+                        assert refs == plain
+                    else:  # the draw's next image takes the image's own place
+                        assert [r for r in refs if r in plain] == [r for r in plain if r != own[i]]
+
+
 def test_synthetic_anomalies_on_pool_images_are_encoded_not_looked_up(tiny_images):
     """Stage 2 with synthetic anomalies drawn on the very images of the pool: the model must see the
     defective images' features (a synthetic item keeps its normal image's path)."""

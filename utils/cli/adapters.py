@@ -21,7 +21,7 @@ from utils.report.run_record import plain_values
 from utils.run.config import DataConfig, EvalConfig, PredictConfig, RunConfig, TrainConfig
 from utils.run.preflight import EVALUATE, KNN, TRAIN
 
-TRAINING_FLAGS = ("train_dataset_dir", "train_ref_shot", "train_ref_pool", "anomaly_source", "synthetic_fraction",
+TRAINING_FLAGS = ("train_dataset_dir", "train_ref_shot", "train_ref_pool", "train_exclude_self", "anomaly_source", "synthetic_fraction",
                   "synthetic_defects", "batch_size", "lr", "epochs", "stage1_epochs", "eval_freq", "resume",
                   "best_metric", "max_bad_steps", "tensorboard", "pos_beta", "margin_tau", "bgspp_lambda")
 MODEL_FLAGS = tuple(f.name for f in fields(ModelConfig))

@@ -135,6 +135,10 @@ def _add_data_arguments(data, shots_flag: str) -> None:
     data.add_argument("--train_ref_shot", type=at_least(1), default=4, help="reference shots per seen class in a batch")
     data.add_argument("--train_ref_pool", type=at_least(1), default=16,
                       help="normal training images per seen class encoded each epoch to draw references from")
+    data.add_argument("--train_exclude_self", action="store_true",
+                      help="never draw a training image (or the normal image a synthetic anomaly was drawn on) "
+                           "as one of its own references, as at test time; matters when a seen class has few "
+                           "normal images (README, Recommended preset)")
     data.add_argument("--source_dataset", default=None,
                       help="with --setting custom: the training dataset (a name above, or folder)")
     data.add_argument("--target_dataset", default=None,

@@ -37,6 +37,7 @@ class TrainConfig:
     batch_size: int = 32
     train_ref_shot: int = 4               # references per seen class in a batch
     train_ref_pool: int = 16              # normal images per seen class encoded each epoch
+    train_exclude_self: bool = False      # a training image is never among its own references
     eval_freq: int = 1                    # evaluate every N epochs (and after the last)
     best_metric: str = "Image AUC"        # selects <run>_best.pth
     max_bad_steps: int = 50               # stop after this many consecutive non-finite steps

@@ -129,10 +129,12 @@ def _training_data(config: RunConfig, setting: Setting) -> TrainingData:
         if not s.label:
             normals.setdefault(s.class_name, []).append(s)
     fewest = min(normals.items(), key=lambda kv: len(kv[1]))
-    if train.train_ref_shot > min(len(fewest[1]), train.train_ref_pool):
+    needed = train.train_ref_shot + int(train.train_exclude_self)  # the image itself is left out of its references
+    if needed > min(len(fewest[1]), train.train_ref_pool):
         raise UserError(f"--train_ref_shot {train.train_ref_shot}: class '{fewest[0]}' has "
                         f"{len(fewest[1])} normal training images and the pool holds {train.train_ref_pool}; "
-                        "lower --train_ref_shot")
+                        f"{'with --train_exclude_self ' if train.train_exclude_self else ''}each needs at least "
+                        f"{needed}: lower --train_ref_shot")
     if train.batch_size > len(stage_samples[1]):
         raise UserError(f"--batch_size {train.batch_size}: larger than the {len(stage_samples[1])} normal training "
                         "images of the seen classes; lower --batch_size")

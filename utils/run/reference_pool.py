@@ -2,8 +2,9 @@
 (docs/method.md §3.2)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -85,6 +86,25 @@ class TrainReferencePool:
         levels = self.features[class_name]
         pick = torch.randperm(levels[0].shape[0], generator=generator)[:shots].to(self.device)
         return ReferenceBank.from_features([level[pick] for level in levels])
+
+    def banks_without_self(self, class_name: str, paths: Sequence[str], shots: int,
+                           generator: torch.Generator) -> List[Tuple[np.ndarray, ReferenceBank]]:
+        """References for images of one class, none of them the image itself (``--train_exclude_self``).
+
+        One draw of the pool serves the class, as in :meth:`bank`; an image that the draw picked gets the
+        draw's next image in its own place.  Returns (positions in ``paths``, bank) pairs, one per bank.
+        """
+        levels = self.features[class_name]
+        order = torch.randperm(levels[0].shape[0], generator=generator).tolist()
+        groups: Dict[tuple, List[int]] = {}
+        for i, path in enumerate(paths):
+            owner, row = self._where.get(path, (None, -1))
+            own = row if owner == class_name else -1
+            picks = tuple(order[shots] if r == own else r for r in order[:shots])
+            groups.setdefault(picks, []).append(i)
+        return [(np.array(rows), ReferenceBank.from_features([level[torch.tensor(picks, device=level.device)]
+                                                              for level in levels]))
+                for picks, rows in groups.items()]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for levels in self.features.values() for t in levels)

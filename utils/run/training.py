@@ -157,15 +157,33 @@ class Trainer:
 
 
 def batch_residuals(model: ResAD, features: List[torch.Tensor], class_names: Sequence[str],
-                    bank_of) -> List[torch.Tensor]:
-    """Residuals of a mixed-class batch: each image against the bank of its own class."""
+                    banks_of) -> List[torch.Tensor]:
+    """Residuals of a mixed-class batch: each image against references of its own class.
+
+    ``banks_of(name, positions)`` gives the references of the batch's images of class ``name`` at
+    ``positions``: a list of (positions, bank) pairs, the images at those positions sharing that bank.
+    """
     names = np.array(class_names)
     out = [torch.empty_like(f) for f in features]
     for name in np.unique(names):
-        idx = torch.from_numpy(np.flatnonzero(names == name)).to(features[0].device)
-        for level, r in enumerate(model.residuals([f[idx] for f in features], bank_of(name))):
-            out[level][idx] = r
+        for rows, bank in banks_of(name, np.flatnonzero(names == name)):
+            idx = torch.from_numpy(rows).to(features[0].device)
+            for level, r in enumerate(model.residuals([f[idx] for f in features], bank)):
+                out[level][idx] = r
     return out
+
+
+def reference_draw(pool: TrainReferencePool, paths: Sequence[str], shots: int, exclude_self: bool,
+                   generator: torch.Generator):
+    """The ``banks_of`` of :func:`batch_residuals` for one batch: one draw of the pool per class, shared
+    by the class's images, or (``exclude_self``) with each image's own pool entry replaced."""
+    if not exclude_self:
+        return lambda name, rows: [(rows, pool.bank(name, shots, generator))]
+
+    def banks_of(name: str, rows: np.ndarray):
+        return [(rows[local], bank) for local, bank in
+                pool.banks_without_self(name, [paths[i] for i in rows], shots, generator)]
+    return banks_of
 
 
 def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataLoader, pool: TrainReferencePool,
@@ -180,7 +198,8 @@ def train_one_epoch(trainer: Trainer, extractor: FeatureExtractor, loader: DataL
         if features is None:
             features = extractor(batch["image"].to(device, non_blocking=True))
         residuals = batch_residuals(model, features, batch["class_name"],
-                                    lambda name: pool.bank(name, shots, generator))
+                                    reference_draw(pool, batch["path"], shots, trainer.config.train_exclude_self,
+                                                   generator))
         for key, value in trainer.train_step(features, residuals, masks, stage2, generator).items():
             if value is not None:
                 totals[key].append(value)
