@@ -56,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=list(PRESETS), default="recommended")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--stage1_epochs", type=int, default=10, help="first epochs without stage-2 anomalies")
+    parser.add_argument("--train_exclude_self", action="store_true",
+                        help="a training image is never one of its own references (README, Recommended preset)")
     parser.add_argument("--checkpoint", default=None, help="evaluate this trained model instead of training")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
@@ -69,10 +72,13 @@ def training_argv(args, refs: str) -> list:
     argv = ["--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", args.fewshot_dir,
             "--target_dataset", "folder", "--test_dataset_dir", args.target_dir, "--test_ref_feature_dir", refs,
             "--anomaly_source", "synthetic", "--backbone", OFFLINE_BACKBONE, "--epochs", str(args.epochs),
+            "--stage1_epochs", str(args.stage1_epochs),
             "--eval_freq", str(args.epochs), "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device,
             "--seed", str(args.seed), "--checkpoint_path", os.path.join(args.work_dir, args.preset + _suffix(args)),
             "--preset", args.preset, "--resize", args.resize, "--shots", *map(str, args.shots)]
-    return argv + (["--eval_only", "--checkpoint", args.checkpoint] if args.checkpoint else [])
+    if args.checkpoint:
+        return argv + ["--eval_only", "--checkpoint", args.checkpoint]
+    return argv + (["--train_exclude_self"] if args.train_exclude_self else [])
 
 
 def result_rows(tables_dir: str, shots, epoch: int) -> pd.DataFrame:

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--stage1_epochs", type=int, default=2)
+    parser.add_argument("--train_exclude_self", action="store_true",
+                        help="a training image is never one of its own references (README, Recommended preset)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -127,7 +129,8 @@ def main(argv=None) -> None:
         "--stage1_epochs", str(args.stage1_epochs), "--lr", str(args.lr), "--batch_size", "16",
         "--eval_batch_size", "16", "--train_ref_shot", "4", "--train_ref_pool", "8", "--eval_freq", str(args.epochs),
         "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device, "--seed", str(args.seed),
-        "--checkpoint_path", os.path.join(args.work_dir, "runs"), "--preset", args.preset], demo=False)
+        "--checkpoint_path", os.path.join(args.work_dir, "runs"), "--preset", args.preset]
+        + (["--train_exclude_self"] if args.train_exclude_self else []), demo=False)
     print(preset_line(train_args.preset))
     run = "synthetic_transfer"
     config = run_config(train_args, [args.shots], {args.shots: run})
