@@ -222,7 +222,7 @@ def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
     from utils.cli.adapters import run_config
     from utils.run.loaders import make_loader
     from utils.run.reference_pool import TrainReferencePool
-    from utils.run.training import Trainer, batch_residuals, level_masks
+    from utils.run.training import Trainer, batch_residuals, level_masks, reference_draw
 
     torch.manual_seed(0)
     args = small_args("--lr", "1e-3")
@@ -243,7 +243,8 @@ def test_flow_loss_decreases_on_synthetic_anomalies_from_a_fewshot_folder():
     model.train()
     with torch.no_grad():
         features = extractor(batch["image"])
-        residuals = batch_residuals(model, features, batch["class_name"], lambda c, rows: [(rows, pool.bank(c, 2, generator))])
+        residuals = batch_residuals(model, features, batch["class_name"],
+                                    reference_draw(pool, batch["path"], 2, False, generator))
         constrained = model.constraintor(residuals)
     masks = [m.reshape(-1) for m in level_masks(batch["mask"], features)]
     rows = [(flatten_positions(e), grid_coordinates(e.shape[2], e.shape[3], e.device).repeat(e.shape[0], 1))

@@ -154,8 +154,10 @@ def test_references_without_self_never_hold_the_image_and_share_one_draw(tiny_im
         own = [tuple(flatten_positions(f[None]).reshape(-1).tolist()) for f in pool.lookup(paths, torch.zeros(3))[-1]]
         assert len(set(own)) == 3
         for seed in range(6):
-            banks = pool.banks_without_self(name, paths, 2, torch.Generator().manual_seed(seed))
-            plain = images(pool.bank(name, 2, torch.Generator().manual_seed(seed)))
+            banks = pool.banks(name, paths, 2, torch.Generator().manual_seed(seed), exclude_self=True)
+            [(shared, plain)] = pool.banks(name, paths, 2, torch.Generator().manual_seed(seed))
+            assert shared.tolist() == [0, 1, 2]  # without exclusion one bank serves every image
+            plain = images(plain)
             assert sorted(i for rows, _ in banks for i in rows.tolist()) == [0, 1, 2]
             for rows, bank in banks:
                 refs = images(bank)

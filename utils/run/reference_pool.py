@@ -82,29 +82,25 @@ class TrainReferencePool:
         return [torch.stack([self.features[name][level][row] for name, row in places])
                 for level in range(len(self.extractor.channels))]
 
-    def bank(self, class_name: str, shots: int, generator: torch.Generator) -> ReferenceBank:
-        levels = self.features[class_name]
-        pick = torch.randperm(levels[0].shape[0], generator=generator)[:shots].to(self.device)
-        return ReferenceBank.from_features([level[pick] for level in levels])
-
-    def banks_without_self(self, class_name: str, paths: Sequence[str], shots: int,
-                           generator: torch.Generator) -> List[Tuple[np.ndarray, ReferenceBank]]:
-        """References for images of one class, none of them the image itself (``--train_exclude_self``).
-
-        One draw of the pool serves the class, as in :meth:`bank`; an image that the draw picked gets the
-        draw's next image in its own place.  Returns (positions in ``paths``, bank) pairs, one per bank.
-        """
+    def banks(self, class_name: str, paths: Sequence[str], shots: int, generator: torch.Generator,
+              exclude_self: bool = False) -> List[Tuple[np.ndarray, ReferenceBank]]:
+        """The references of a batch's images of one class: ``shots`` images of one random draw of the
+        class's pool, shared by all of them; with ``exclude_self`` (``--train_exclude_self``) an image
+        that the draw picked gets the draw's next image in its own place.  Returns (positions in
+        ``paths``, bank) pairs, one per distinct bank."""
         levels = self.features[class_name]
         order = torch.randperm(levels[0].shape[0], generator=generator).tolist()
         groups: Dict[tuple, List[int]] = {}
         for i, path in enumerate(paths):
             owner, row = self._where.get(path, (None, -1))
-            own = row if owner == class_name else -1
+            own = row if exclude_self and owner == class_name else -1
             picks = tuple(order[shots] if r == own else r for r in order[:shots])
             groups.setdefault(picks, []).append(i)
-        return [(np.array(rows), ReferenceBank.from_features([level[torch.tensor(picks, device=level.device)]
-                                                              for level in levels]))
-                for picks, rows in groups.items()]
+        banks = []
+        for picks, rows in groups.items():
+            index = torch.tensor(picks, device=self.device)
+            banks.append((np.array(rows), ReferenceBank.from_features([level[index] for level in levels])))
+        return banks
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for levels in self.features.values() for t in levels)

@@ -175,14 +175,10 @@ def batch_residuals(model: ResAD, features: List[torch.Tensor], class_names: Seq
 
 def reference_draw(pool: TrainReferencePool, paths: Sequence[str], shots: int, exclude_self: bool,
                    generator: torch.Generator):
-    """The ``banks_of`` of :func:`batch_residuals` for one batch: one draw of the pool per class, shared
-    by the class's images, or (``exclude_self``) with each image's own pool entry replaced."""
-    if not exclude_self:
-        return lambda name, rows: [(rows, pool.bank(name, shots, generator))]
-
+    """The ``banks_of`` of :func:`batch_residuals` for one batch: :meth:`TrainReferencePool.banks`."""
     def banks_of(name: str, rows: np.ndarray):
         return [(rows[local], bank) for local, bank in
-                pool.banks_without_self(name, [paths[i] for i in rows], shots, generator)]
+                pool.banks(name, [paths[i] for i in rows], shots, generator, exclude_self)]
     return banks_of
 
 
