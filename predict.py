@@ -7,11 +7,18 @@ r"""Anomaly scores, labels and maps of new images, from a trained checkpoint and
     python predict.py --checkpoint CKPT --ref_features ./ref_features/my_parts/part_a --images a.png b.png \
         --out ./predictions/part_a --threshold 1.25 --save_maps --no_heatmaps
 
+    # a line that feeds images as they arrive: paths on standard input, one per line
+    find /incoming -name '*.png' | python predict.py --checkpoint CKPT --ref_images REFS --images - --out OUT
+
 Writes to --out: scores.csv (image, score, label, threshold, error), heatmaps/<name>.png (input and
-map overlay), maps/<name>.npy with --save_maps, and predict_run.json.  Without --threshold the
-threshold comes from the references: each is scored against the other k-1 and the threshold is the
-maximum of those scores (--threshold_quantile Q: their quantile); README, 'Use a trained model'.
-All images of one run are one class: its maps are normalised over the run's images, as in the evaluation.
+map overlay), maps/<name>.npy with --save_maps, calibration-<model>.json and predict_run.json.  Each
+image is scored on its own (--normalization references, the default): the maps' statistics and the
+threshold come from the k references (each scored against the other k-1; one reference against
+itself outside each position's neighbourhood), so a part gets the same score and label whatever
+else is scored with it.  Rows are appended a batch at a time, and a re-run with the same --out skips
+the images already scored.  --normalization set normalises over the run's images instead, as the
+authors' evaluation does over a test split.  Without --threshold the threshold is the maximum of the
+references' scores (--threshold_quantile Q: their quantile); docs/predict.md.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from utils.run.extraction import extract_reference_features  # noqa: E402
 from utils.run.knn import evaluate_baseline  # noqa: E402
 from utils.run.train_run import train  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
+from models.calibration import NORMALIZATIONS  # noqa: E402
 
 SHARED = os.path.join(REPO, "..", "shared", "data")
 COLUMNS = {"Image AUC": "image_auroc", "Pixel AUC": "pixel_auroc", "Pixel AP": "pixel_ap", "Pixel AUPRO": "aupro"}
@@ -63,37 +64,44 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     add_resize_argument(parser)
+    parser.add_argument("--normalization", nargs="+", choices=list(NORMALIZATIONS), default=list(NORMALIZATIONS),
+                        help="evaluate under each of these normalisations of the maps (the first one during "
+                             "training; the others re-score the trained checkpoint)")
     parser.add_argument("--out", default=None, help="also write the table as CSV to this file")
     return parser.parse_args(argv)
 
 
-def training_argv(args, refs: str) -> list:
-    """The flags of the run, as a user would type them for main_extended_multi_shot.py."""
+def training_argv(args, refs: str, normalization: str, checkpoint_file=None) -> list:
+    """The flags of the run, as a user would type them for main_extended_multi_shot.py (``checkpoint_file``:
+    evaluate it instead of training)."""
     argv = ["--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", args.fewshot_dir,
             "--target_dataset", "folder", "--test_dataset_dir", args.target_dir, "--test_ref_feature_dir", refs,
             "--anomaly_source", "synthetic", "--backbone", OFFLINE_BACKBONE, "--epochs", str(args.epochs),
             "--stage1_epochs", str(args.stage1_epochs),
             "--eval_freq", str(args.epochs), "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device,
-            "--seed", str(args.seed), "--checkpoint_path", os.path.join(args.work_dir, args.preset + _suffix(args)),
-            "--preset", args.preset, "--resize", args.resize, "--shots", *map(str, args.shots)]
-    if args.checkpoint:
-        return argv + ["--eval_only", "--checkpoint", args.checkpoint]
+            "--seed", str(args.seed), "--checkpoint_path", _tables_dir(args, normalization, checkpoint_file),
+            "--preset", args.preset, "--resize", args.resize, "--normalization", normalization,
+            "--shots", *map(str, args.shots)]
+    if checkpoint_file:
+        return argv + ["--eval_only", "--checkpoint", checkpoint_file]
     return argv + (["--train_exclude_self"] if args.train_exclude_self else [])
 
 
-def result_rows(tables_dir: str, shots, epoch: int) -> pd.DataFrame:
-    """One row per (method, k): the Mean rows of each k's maps CSV (resad, the single maps, knn)."""
+def result_rows(tables_dir: str, shots, epoch: int, normalization: str) -> pd.DataFrame:
+    """One row per (method, k): the Mean rows of each k's maps CSV (resad, the single maps, knn and
+    knn_normalized), and those of the baseline's own table when it was evaluated beside a checkpoint."""
     rows = []
     for k in shots:
         name = f"{RUN}_{k}shot"
         out = RunOutputs(os.path.join(tables_dir, name), name)
         table = pd.read_csv(out.maps_csv(epoch))
         if "knn" not in set(table["Map"]) and os.path.isfile(out.knn_only_csv()):  # --checkpoint: run beside
-            table = pd.concat([table, pd.read_csv(out.knn_only_csv()).assign(Map="knn")], ignore_index=True)
+            table = pd.concat([table, pd.read_csv(out.knn_only_csv())], ignore_index=True)
         for method, part in table.groupby("Map", sort=False):
             mean = part.drop(class_rows(part).index).iloc[-1]
-            rows.append({"method": method, "shots": k, **{c: float(mean[m]) for m, c in COLUMNS.items()}})
-    return pd.DataFrame(rows, columns=["method", "shots", *COLUMNS.values()])
+            rows.append({"method": method, "normalization": normalization, "shots": k,
+                         **{c: float(mean[m]) for m, c in COLUMNS.items()}})
+    return pd.DataFrame(rows, columns=["method", "normalization", "shots", *COLUMNS.values()])
 
 
 def main(argv=None) -> None:
@@ -104,17 +112,20 @@ def main(argv=None) -> None:
     extractor = set_resize(build_extractor(OFFLINE_BACKBONE, device=device), args.resize)
     refs = os.path.join(args.work_dir, f"refs_{max(args.shots)}shot{_suffix(args)}")
     extract_reference_features("folder", args.target_dir, refs, extractor, shots=max(args.shots))
-    parser = add_training_arguments(Parser(), shots_flag="--shots")
-    train_args = parse_with_presets(parser, training_argv(args, refs), demo=False)
-    print(preset_line(train_args.preset))
-    config = run_config(train_args, args.shots, shot_names(RUN, args.shots, per_shot=True), shots_flag="--shots")
-    if args.checkpoint:
-        evaluate_checkpoint(config, args.checkpoint, extractor=extractor)
-        evaluate_baseline(config, extractor=extractor)  # the baseline beside it, as a training run does
-    else:
-        train(config, extractor=extractor)
-    epoch = _epoch_of(args)
-    table = result_rows(config.checkpoint_path, args.shots, epoch)
+    trained = args.checkpoint
+    tables = []
+    for normalization in args.normalization:
+        config = _config(args, refs, normalization, trained)
+        if trained:
+            evaluate_checkpoint(config, trained, extractor=extractor)
+            evaluate_baseline(config, extractor=extractor)  # the baseline beside it, as a training run does
+        else:
+            train(config, extractor=extractor)
+            trained = RunOutputs(os.path.join(config.checkpoint_path, f"{RUN}_{args.shots[0]}shot"),
+                                 f"{RUN}_{args.shots[0]}shot").latest_checkpoint()
+        epoch = int(checkpoint.load(trained, "--checkpoint").get("epoch", 0))
+        tables.append(result_rows(config.checkpoint_path, args.shots, epoch, normalization))
+    table = pd.concat(tables, ignore_index=True)
     wall, peak = time.time() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"\nreal transfer: mvtec few-shot normals (synthetic stage 2, {args.epochs} epochs) -> "
           f"{os.path.basename(os.path.normpath(args.target_dir))}, preset {args.preset}, {OFFLINE_BACKBONE}, {device}")
@@ -125,16 +136,22 @@ def main(argv=None) -> None:
         print(f"written to {args.out}")
 
 
+def _config(args, refs: str, normalization: str, checkpoint_file):
+    parser = add_training_arguments(Parser(), shots_flag="--shots")
+    train_args = parse_with_presets(parser, training_argv(args, refs, normalization, checkpoint_file), demo=False)
+    print(preset_line(train_args.preset))
+    return run_config(train_args, args.shots, shot_names(RUN, args.shots, per_shot=True), shots_flag="--shots")
+
+
+def _tables_dir(args, normalization: str, checkpoint_file) -> str:
+    """The training run's folder (``<preset>``), or that of an evaluation (``<preset>_<normalization>``)."""
+    base = os.path.join(args.work_dir, args.preset + _suffix(args))
+    return base if not checkpoint_file else f"{base}_{normalization}"
+
+
 def _suffix(args) -> str:
     """What the work folders of a --resize full run are told apart by (crop keeps the plain names)."""
     return "" if args.resize == "crop" else f"_{args.resize}"
-
-
-def _epoch_of(args) -> int:
-    """The epoch whose tables the run wrote (training: the last; a checkpoint: its own)."""
-    if not args.checkpoint:
-        return args.epochs
-    return int(checkpoint.load(args.checkpoint, "--checkpoint").get("epoch", 0))
 
 
 if __name__ == "__main__":

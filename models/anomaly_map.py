@@ -17,7 +17,7 @@ chunks, so a set too large to hold can be scored in passes with the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,10 @@ def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
 # the standardized maps (§2.9).  "fused", "normality" and "abnormality" share anomaly_maps().
 SINGLE_MAPS = ("fused", "normality", "abnormality", "standardized", "residual", "standardized_residual",
                "coarse_residual", "coarse_knn")
+# The row names of the kNN baseline in the tables: its raw score (§6) and its score under the rule of
+# the run's map (§6.1, :func:`normalized_baseline`).
+KNN_MAPS = ("knn", "knn_normalized")
+KNN_LABELS = {"knn": "kNN baseline", "knn_normalized": "kNN baseline, ResAD's rule"}
 # --anomaly_map: the map a run scores with; "authors" is the fused map.
 ANOMALY_MAP_RECIPES = {"authors": "fused", "standardized": "standardized",
                        "standardized_residual": "standardized_residual", "coarse_residual": "coarse_residual",
@@ -172,32 +176,71 @@ def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
 # The standardized maps (§2.9): which per-level scores each one standardizes and sums.  "nll" is -logp
 # of the flow, "norm" the constrained residual's |e|, "residual" the raw residual's magnitude |f - r|
 # (the distance to the matched reference: training-free, close to the kNN baseline's score), "knn" the
-# Euclidean distance to the nearest reference (the kNN baseline's score itself, §6).
+# Euclidean distance to the nearest reference (the kNN baseline's score itself, §6).  "knn_standardized"
+# and "coarse_knn_standardized" are the kNN baseline under ResAD's rule (§6.1): its distances alone,
+# standardized per level like the maps that read them, on all levels or without the finest.
 STANDARDIZED_TERMS = {"standardized": ("nll", "norm"), "residual": ("residual",),
                       "standardized_residual": ("nll", "norm", "residual"), "coarse_residual": ("nll", "residual"),
-                      "coarse_knn": ("nll", "knn")}
+                      "coarse_knn": ("nll", "knn"), "knn_standardized": ("knn",),
+                      "coarse_knn_standardized": ("knn",)}
 # The model output (a field of models.resad.LevelScores) each term is read from.
 TERM_FIELDS = {"nll": "logps", "norm": "norms", "residual": "distances", "knn": "nearest"}
 # The maps that leave out the finest feature level (stride 4 with the CNN backbones), whose flow
 # log-likelihood localises real defects worst (§2.9); a backbone with one level keeps it.
-COARSE_MAPS = ("coarse_residual", "coarse_knn")
+COARSE_MAPS = ("coarse_residual", "coarse_knn", "coarse_knn_standardized")
+# The authors' map and its halves: map 1 normalised by two maxima, map 2 (§2.8).
+FUSED_KINDS = ("fused", "normality", "abnormality")
+
+
+def first_level(kind: str, num_levels: int) -> int:
+    """The first feature level the map ``kind`` reads: 1 for the coarse maps (when there are several), else 0."""
+    return 1 if kind in COARSE_MAPS and num_levels > 1 else 0
+
+
+def normalized_baseline(kind: str) -> Optional[str]:
+    """The kNN baseline under the rule of the map ``kind`` (its levels, standardized; §6.1), or None for
+    a map that does not standardize (the authors' map and its halves)."""
+    if kind not in STANDARDIZED_TERMS:
+        return None
+    return "coarse_knn_standardized" if kind in COARSE_MAPS else "knn_standardized"
+
+
+def needed_fields(kind: str) -> Tuple[str, ...]:
+    """The :class:`models.resad.LevelScores` fields the map ``kind`` is built from."""
+    if kind in STANDARDIZED_TERMS:
+        return tuple(dict.fromkeys(TERM_FIELDS[term] for term in STANDARDIZED_TERMS[kind]))
+    if kind in FUSED_KINDS:
+        return ("logps", "abnormal_probs")
+    raise ValueError(f"unknown map kind {kind!r}")
 
 
 def standardized_terms(outputs, kind: str) -> List[Sequence[torch.Tensor]]:
     """Per term of ``kind``, the per-level score maps of ``outputs`` (a :class:`models.resad.LevelScores`)."""
-    first = 1 if kind in COARSE_MAPS and len(outputs.logps) > 1 else 0
+    first = first_level(kind, max(len(outputs.logps), len(outputs.nearest)))
     terms = []
     for term in STANDARDIZED_TERMS[kind]:
-        maps = list(getattr(outputs, TERM_FIELDS[term]))
-        if not maps:
+        maps = list(getattr(outputs, TERM_FIELDS[term]))[first:]
+        if not maps or any(m is None for m in maps):
             raise ValueError(f"the map {kind!r} needs the model output {TERM_FIELDS[term]!r}, which was not computed")
-        terms.append([-m for m in maps[first:]] if term == "nll" else maps[first:])
+        terms.append([-m for m in maps] if term == "nll" else maps)
     return terms
 
 
 def needs_nearest(kind: str) -> bool:
     """Whether the map ``kind`` needs the distances to the nearest reference (one more search per batch)."""
     return "knn" in STANDARDIZED_TERMS.get(kind, ())
+
+
+def nearest_levels(kinds: Iterable[str], num_levels: int) -> Optional[List[int]]:
+    """The feature levels at which any of the maps ``kinds`` reads the distances to the nearest reference
+    ("knn", the raw baseline, reads all); None when none does."""
+    levels = set()
+    for kind in kinds:
+        if kind == "knn":
+            levels.update(range(num_levels))
+        elif needs_nearest(kind):
+            levels.update(range(first_level(kind, num_levels), num_levels))
+    return sorted(levels) or None
 
 
 @torch.no_grad()
@@ -219,13 +262,34 @@ def standardized_maps(terms: Sequence[Sequence[torch.Tensor]], size: int = 224, 
     return summed_level_maps(z, size=size, sigma=sigma, chunk=chunk)
 
 
+Statistics = Union[MapStatistics, List[LevelMoments]]
+
+
 @torch.no_grad()
-def resad_maps(outputs, kind: str, size: int = 224, sigma: float = 4.0) -> torch.Tensor:
-    """The (N, size, size) map ``kind`` of :data:`SINGLE_MAPS` from a whole set's per-level model outputs
-    (a :class:`models.resad.LevelScores`)."""
+def resad_maps(outputs, kind: str, size: int = 224, sigma: float = 4.0,
+               statistics: Optional[Statistics] = None) -> torch.Tensor:
+    """The (N, size, size) map ``kind`` of :data:`SINGLE_MAPS` of the N images of ``outputs`` (a
+    :class:`models.resad.LevelScores`), normalised with ``statistics`` (:func:`set_statistics` of the set
+    they belong to, or a class's calibration, :mod:`models.calibration`); None: these images are the set."""
     if kind in STANDARDIZED_TERMS:
-        return standardized_maps(standardized_terms(outputs, kind), size=size, sigma=sigma)
-    return anomaly_maps(outputs.logps, outputs.abnormal_probs, size=size, sigma=sigma, kind=kind)
+        return standardized_maps(standardized_terms(outputs, kind), size=size, sigma=sigma, statistics=statistics)
+    return anomaly_maps(outputs.logps, outputs.abnormal_probs, size=size, sigma=sigma, statistics=statistics,
+                        kind=kind)
+
+
+@torch.no_grad()
+def set_statistics(chunks: Callable[[], Iterable], kind: str, size: int = 224) -> Statistics:
+    """The statistics :func:`resad_maps` needs of a set given in chunks of :class:`models.resad.LevelScores`
+    (``chunks()`` yields them afresh on every call): per term the positions' mean and std (standardized
+    maps), else the per-level maximum logp and the maximum normality (:class:`MapStatistics`)."""
+    if kind in STANDARDIZED_TERMS:
+        return [level_moments(standardized_terms(chunk, kind)[term] for chunk in chunks())
+                for term in range(len(STANDARDIZED_TERMS[kind]))]
+    level_max = None
+    for chunk in chunks():
+        found = [float(lp.max()) for lp in chunk.logps]
+        level_max = found if level_max is None else [max(a, b) for a, b in zip(level_max, found)]
+    return map_statistics((chunk.logps for chunk in chunks()), size, level_max)
 
 
 def image_scores(maps: torch.Tensor, rule: str = "max") -> torch.Tensor:

@@ -48,12 +48,19 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, matcher: Option
 
 @torch.no_grad()
 def knn_level_maps(features: Sequence[torch.Tensor], bank: ReferenceBank, shots: Optional[Sequence[int]] = None,
-                   matcher: Optional[Matcher] = None) -> Dict[int, List[torch.Tensor]]:
+                   matcher: Optional[Matcher] = None,
+                   levels: Optional[Sequence[int]] = None) -> Dict[int, List[Optional[torch.Tensor]]]:
     """Per k of ``shots`` (default: all of the bank's), per level, the (B, H_l, W_l) map of the distances of
-    a batch of features to their nearest reference among the first k shots of ``bank``."""
+    a batch of features to their nearest reference among the first k shots of ``bank``.  ``levels``: search
+    only these levels (default all); the others' maps are None."""
     shots = [bank.num_shots] if shots is None else shots
-    maps: Dict[int, List[torch.Tensor]] = {int(k): [] for k in shots}
-    for feature, rows in zip(features, bank.levels):
+    wanted = set(range(len(features)) if levels is None else levels)
+    maps: Dict[int, List[Optional[torch.Tensor]]] = {int(k): [] for k in shots}
+    for level, (feature, rows) in enumerate(zip(features, bank.levels)):
+        if level not in wanted:
+            for found in maps.values():
+                found.append(None)
+            continue
         b, _, h, w = feature.shape
         distances = nearest_distances_by_shots(flatten_positions(feature), rows.to(feature.device), bank.num_shots,
                                                shots, matcher)
@@ -91,7 +98,10 @@ class KnnAccumulator:
         for k in self.levels:
             self.levels[k].append([m.cpu() for m in found[k]])
 
+    def level_maps(self, shots: int) -> List[torch.Tensor]:
+        """Per level, the (N, H_l, W_l) distance maps of every batch kept for ``shots``."""
+        return [torch.cat(level) for level in zip(*self.levels[shots])]
+
     def maps(self, shots: int, size: int, sigma: float) -> torch.Tensor:
-        batches = self.levels[shots]
         with stage("kNN maps"):
-            return knn_anomaly_maps([torch.cat(level) for level in zip(*batches)], size=size, sigma=sigma)
+            return knn_anomaly_maps(self.level_maps(shots), size=size, sigma=sigma)

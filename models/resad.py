@@ -32,8 +32,9 @@ class LevelScores(NamedTuple):
     """What ResAD returns for a batch, per level (B, H, W) maps: the flow's log-likelihood logp, the
     abnormal probability softmax([logp, logp_a])[1], the norm |e| of the constrained residual and the
     distance |f - r| of each feature to its matched reference (before distribution matching); and, when
-    asked for (:meth:`ResAD.forward_shots` with ``nearest=True``), the Euclidean distance of each feature
-    to its nearest reference feature, the kNN baseline's score (docs/method.md §6); else empty."""
+    asked for (:meth:`ResAD.forward_shots` with ``nearest_levels``), the Euclidean distance of each feature
+    to its nearest reference feature, the kNN baseline's score (docs/method.md §6), None at the levels not
+    searched; else empty."""
     logps: List[torch.Tensor]
     abnormal_probs: List[torch.Tensor]
     norms: List[torch.Tensor]
@@ -106,17 +107,17 @@ class ResAD(nn.Module):
 
     @torch.no_grad()
     def forward_shots(self, features: Sequence[torch.Tensor], bank: ReferenceBank, shots: Sequence[int],
-                      nearest: bool = False) -> Dict[int, LevelScores]:
+                      nearest_levels: Optional[Sequence[int]] = None) -> Dict[int, LevelScores]:
         """:meth:`forward` for each k in ``shots`` (the bank cut to its first k shots) from one matching.
-        ``nearest``: also the distances to the nearest reference (:attr:`LevelScores.nearest`), from one
-        more search of the same bank."""
+        ``nearest_levels``: also the distances to the nearest reference at these levels
+        (:attr:`LevelScores.nearest`, None at the others), from one more search of the same bank."""
         with stage("matching"):
             matched = self.matcher.match_by_shots(features, bank, shots)
         scores = {k: self.score_residuals(residual_features(features, matched[k], self.config.residual))
                   for k in shots}
-        if nearest:
+        if nearest_levels is not None:
             with stage("kNN search"):
-                found = knn_level_maps(features, bank, shots, self.matcher)
+                found = knn_level_maps(features, bank, shots, self.matcher, levels=nearest_levels)
             scores = {k: found_k._replace(nearest=found[k]) for k, found_k in scores.items()}
         return scores
 

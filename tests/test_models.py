@@ -388,10 +388,12 @@ def test_forward_shots_nearest_is_the_brute_force_nearest_reference_distance():
     features = [torch.randn(2, c, s, s) for c, s in zip(channels, sizes)]
     references = [torch.randn(4, c, s, s) for c, s in zip(channels, sizes)]
     bank = ReferenceBank.from_features(references)
-    scores = model.forward_shots(features, bank, [1, 4], nearest=True)
+    scores = model.forward_shots(features, bank, [1, 4], nearest_levels=[0, 1])
+    coarse = model.forward_shots(features, bank, [1, 4], nearest_levels=[1])
     plain = model.forward_shots(features, bank, [1, 4])
     for k in (1, 4):
         assert len(plain[k].nearest) == 0 and all(torch.equal(a, b) for a, b in zip(plain[k].logps, scores[k].logps))
+        assert coarse[k].nearest[0] is None and torch.equal(coarse[k].nearest[1], scores[k].nearest[1])
         for feature, refs, got in zip(features, references, scores[k].nearest):
             queries = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double()
             rows = refs[:k].permute(0, 2, 3, 1).reshape(-1, refs.shape[1]).double()

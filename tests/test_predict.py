@@ -73,9 +73,11 @@ def test_predict_end_to_end_writes_scores_heatmaps_maps_and_a_record(trained, tm
     assert threshold["value"] == pytest.approx(max(threshold["reference_scores"]))
     assert np.allclose(table["threshold"], threshold["value"])
     assert (table["label"] == np.where(table["score"] > threshold["value"], "anomalous", "normal")).all()
-    assert record["images"] == {"inputs": [os.path.abspath(trained.images)], "count": 5,
+    assert record["images"] == {"inputs": [os.path.abspath(trained.images)], "count": 5, "earlier": 0,
                                 **{label: int((table["label"] == label).sum()) for label in set(table["label"])}}
     assert record["references"]["shots"] == 4 and record["created"]["git"]["commit"]
+    assert record["status"] == "done" and record["calibration"]["computed"] and record["maps"]["normalization"] == \
+        "references" and os.path.isfile(record["calibration"]["path"])
     for path, score in zip(table["image"], table["score"]):
         name = os.path.splitext(os.path.relpath(path, trained.images))[0]
         assert imread(out / "heatmaps" / f"{name}.png").shape[2] in (3, 4)
@@ -83,24 +85,31 @@ def test_predict_end_to_end_writes_scores_heatmaps_maps_and_a_record(trained, tm
         assert raw.dtype == np.float16 and raw.shape == (224, 224)
         assert float(raw.max()) == pytest.approx(score, rel=2e-3)  # the image score is the map's max
     printed = capsys.readouterr().out
-    assert f"threshold {threshold['value']:.6g}: the max of the 4 references' leave-one-out scores" in printed
+    assert f"threshold {threshold['value']:.6g}: the max of the 4 references' scores (each against the other 3" \
+        in printed
+    # the same command again: every image is already scored, nothing changes, the calibration is read back
+    assert run_cli(script.main, argv) == 0
+    assert read_scores(str(out / "scores.csv")).equals(table)
+    again = json.loads((out / "predict_run.json").read_text())
+    assert again["images"]["earlier"] == 5 and not again["calibration"]["computed"]
 
 
-@pytest.mark.parametrize("anomaly_map, image_score", [("authors", "max"), ("standardized", "mean_top1pct"),
-                                                     ("coarse_residual", "mean_top1pct"),
-                                                     ("coarse_knn", "mean_top1pct")])
-def test_scores_equal_the_evaluation_of_the_same_images_and_references(trained, tmp_path, anomaly_map, image_score):
-    """Predicted in chunks of 2 images (the set's statistics gathered over three chunks) against the evaluation's
-    own code path on the whole class at once (8 images a batch), same references."""
+@pytest.mark.parametrize("anomaly_map, image_score, normalization", [
+    ("authors", "max", "set"), ("standardized", "mean_top1pct", "set"), ("coarse_residual", "mean_top1pct", "set"),
+    ("coarse_knn", "mean_top1pct", "set"), ("authors", "max", "references"), ("coarse_knn", "mean_top1pct", "references")])
+def test_scores_equal_the_evaluation_of_the_same_images_and_references(trained, tmp_path, anomaly_map, image_score,
+                                                                       normalization):
+    """Predicted in batches of 2 images (under the set's statistics: gathered over three chunks) against the
+    evaluation's own code path on the whole class at once (8 images a batch), same references, same normalisation."""
     predict(config(trained, tmp_path, anomaly_map=anomaly_map, image_score=image_score, save_maps=True,
-                   heatmaps=False), extractor=trained.extractor)
+                   heatmaps=False, normalization=normalization), extractor=trained.extractor)
     table = read_scores(str(tmp_path / "scores.csv"))
     state = checkpoint.open_model(trained.ckpt)
     model = checkpoint.build_model(state, trained.extractor, 0.4, torch.device("cpu"))
     bank = reference_features.load_bank(trained.refs, CLASS, trained.extractor.describe(), 4)
     samples = evaluation_samples("demo", trained.root, CLASS)
     settings = EvalConfig(shots=(4,), batch_size=8, aupro=False, anomaly_map=anomaly_map, image_score=image_score,
-                          map_metrics=False)
+                          map_metrics=False, normalization=normalization)
     result = evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
                       num_heatmaps=len(samples))[4][CLASS]
     evaluated = {item["path"]: item for item in result.heatmaps}
@@ -124,13 +133,13 @@ def test_knn_baseline_beside_coarse_knn_reuses_its_search_with_the_same_metrics(
         settings = EvalConfig(shots=(2, 4), batch_size=3, aupro=True, anomaly_map=anomaly_map, map_metrics=False)
         result = evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
                           knn_cache={})
-        knn[anomaly_map] = {k: result[k][CLASS].knn for k in (2, 4)}
+        knn[anomaly_map] = {k: result[k][CLASS].knn["knn"] for k in (2, 4)}
     assert knn["authors"] == knn["coarse_knn"] and knn["authors"][2] != knn["authors"][4]
 
 
-def test_threshold_is_the_leave_one_out_reference_scores_max_or_quantile(trained, tmp_path):
-    """By hand: each reference image encoded alone and scored with ResAD.forward against a bank built from the
-    other three images' features; maps with the statistics of the whole test set computed at once."""
+def test_set_threshold_is_the_leave_one_out_reference_scores_max_or_quantile(trained, tmp_path):
+    """--normalization set, by hand: each reference image encoded alone and scored with ResAD.forward against a
+    bank built from the other three images' features; maps with the statistics of the whole test set."""
     extractor = trained.extractor
     model = checkpoint.build_model(checkpoint.open_model(trained.ckpt), extractor, 0.4, torch.device("cpu"))
     files = sorted(os.listdir(trained.ref_images))[:4]
@@ -150,11 +159,12 @@ def test_threshold_is_the_leave_one_out_reference_scores_max_or_quantile(trained
     for quantile, expected in ((None, max(scores)), (0.5, float(np.median(scores)))):
         out = tmp_path / f"q{quantile}"
         record = predict(config(trained, out, ref_features=None, ref_images=trained.ref_images, num_ref_shot=4,
-                                threshold_quantile=quantile, heatmaps=False), extractor=extractor)
+                                threshold_quantile=quantile, heatmaps=False, normalization="set"), extractor=extractor)
         assert record["threshold"]["reference_scores"] == pytest.approx(scores, rel=1e-5)
         assert record["threshold"]["value"] == pytest.approx(expected, rel=1e-5)
         assert np.allclose(read_scores(str(out / "scores.csv"))["threshold"], expected, rtol=1e-6)
-    fixed = predict(config(trained, tmp_path / "fixed", threshold=0.5, heatmaps=False), extractor=extractor)
+    fixed = predict(config(trained, tmp_path / "fixed", threshold=0.5, heatmaps=False, normalization="set"),
+                    extractor=extractor)
     assert fixed["threshold"] == {"value": 0.5, "from": "--threshold"}
     assert set(read_scores(str(tmp_path / "fixed" / "scores.csv"))["label"]) == {"anomalous"}  # all above 0.5
 
@@ -220,7 +230,7 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
     assert run_cli(script.main, argv) == 2 and not out.exists()
     assert f"--ref_features {foreign}: features were extracted with --resize full, this run uses --resize crop" \
         in capsys.readouterr().err
-    # a run that finds no readable image stops in one line and leaves the previous results as they were
+    # an --out holding a scores.csv that is not one stops in one line and leaves it as it was
     out.mkdir()
     (out / "scores.csv").write_text("earlier results\n")
     unreadable = tmp_path / "unreadable"
@@ -230,11 +240,13 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
     argv = [str(a) for a in common] + ["--ref_images", trained.ref_images, "--images", str(unreadable)]
     assert run_cli(script.main, argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "none of the 2 images could be read" in errors[0]
-    assert (out / "scores.csv").read_text() == "earlier results\n" and sorted(os.listdir(out)) == ["scores.csv"]
-    fresh = tmp_path / "fresh"
-    assert run_cli(script.main, [a if a != str(out) else str(fresh) for a in argv]) == 2
-    assert "none of the 2 images could be read" in capsys.readouterr().err and not fresh.exists()
-    one = ["--checkpoint", trained.ckpt, "--out", str(out), "--images", trained.images, "--device", "cpu"]
-    assert run_cli(script.main, one + ["--ref_images", trained.ref_images, "--num_ref_shot", "1"]) == 2
-    assert "--ref_images: one reference image cannot score itself" in capsys.readouterr().err
+    assert len(errors) == 1 and f"--out {out / 'scores.csv'}: columns" in errors[0]
+    assert (out / "scores.csv").read_text() == "earlier results\n"
+    # a run that finds no readable image stops in one line and writes nothing, under either normalisation
+    for normalization in ("references", "set"):
+        fresh = tmp_path / f"fresh_{normalization}"
+        assert run_cli(script.main, [a if a != str(out) else str(fresh) for a in argv]
+                       + ["--normalization", normalization]) == 2
+        assert "none of the 2 images could be read" in capsys.readouterr().err and not fresh.exists()
+    assert_one_line_error(run_script(*common, "--ref_images", trained.ref_images, "--images", "-", trained.images),
+                          "--images -: reads image paths from standard input alone")

@@ -29,7 +29,7 @@ MODEL_FLAGS = tuple(f.name for f in fields(ModelConfig))
 UNUSED = {
     EVALUATE: (TRAINING_FLAGS + MODEL_FLAGS + ("backbone", "feature_levels", "feature_blocks"),
                "--eval_only takes the backbone and the model options from --checkpoint and does not train"),
-    KNN: (TRAINING_FLAGS + MODEL_FLAGS + ("fdm_alpha", "num_heatmaps", "ref_groups", "anomaly_map"),
+    KNN: (TRAINING_FLAGS + MODEL_FLAGS + ("fdm_alpha", "num_heatmaps", "ref_groups"),
           "--baseline knn evaluates the training-free baseline alone (first k shots, no heat-maps)"),
     TRAIN: ((), ""),
 }
@@ -81,7 +81,7 @@ def run_config(args: argparse.Namespace, shots: Sequence[int], run_names: Mappin
                            synthetic_defects=tuple(args.synthetic_defects))
     evaluation = EvalConfig(tuple(int(k) for k in shots), shots_flag, args.ref_groups, args.fdm_alpha,
                             args.smooth_sigma, args.eval_batch_size, not args.no_aupro, args.num_heatmaps,
-                            args.anomaly_map, args.image_score, not args.no_map_metrics)
+                            args.anomaly_map, args.image_score, not args.no_map_metrics, args.normalization)
     return RunConfig(dict(run_names), data, backbone_config(args), model, training, evaluation, args.checkpoint_path,
                      args.device, args.seed, args.num_workers, plain_values(vars(args)))
 
@@ -97,7 +97,8 @@ def predict_config(args: argparse.Namespace) -> PredictConfig:
         checkpoint=args.checkpoint, images=tuple(args.images), out=args.out, ref_images=args.ref_images,
         ref_features=args.ref_features, num_ref_shot=args.num_ref_shot, threshold=args.threshold,
         threshold_quantile=args.threshold_quantile, heatmaps=not args.no_heatmaps, save_maps=args.save_maps,
-        anomaly_map=args.anomaly_map, image_score=args.image_score, fdm_alpha=args.fdm_alpha,
+        anomaly_map=args.anomaly_map, image_score=args.image_score, normalization=args.normalization,
+        fdm_alpha=args.fdm_alpha,
         smooth_sigma=args.smooth_sigma, batch_size=args.batch_size, backbone_weights=args.backbone_weights,
         amp=args.amp, device=args.device, num_workers=args.num_workers, seed=args.seed,
         arguments=plain_values(vars(args)))

@@ -15,6 +15,7 @@ from datasets.anomaly_source import ANOMALY_SOURCES
 from datasets.defects import DEFECT_FAMILIES
 from datasets.resize import DEFAULT_RESIZE, RESIZE_MODES
 from models.anomaly_map import ANOMALY_MAP_RECIPES, IMAGE_SCORES
+from models.calibration import NORMALIZATIONS
 from models.extractor import DEFAULT_BACKBONE, IMAGEBIND_BACKBONE
 from models.flow import FLOW_ARCHS
 from models.imagebind import IMAGEBIND_WEIGHTS
@@ -218,6 +219,17 @@ def _add_model_arguments(model) -> None:
                             "Recommended preset)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
+    add_normalization_argument(model, default="set")
+
+
+def add_normalization_argument(group, default: str) -> None:
+    """--normalization (evaluation, the benchmarks and predict.py)."""
+    group.add_argument("--normalization", default=default, choices=NORMALIZATIONS,
+                       help="where the maps' statistics (map 1's maxima, the standardized maps' means and "
+                            "deviations, the reference threshold) come from: set = the images scored together "
+                            "(a class's test split; the authors' protocol: a score depends on the other images) "
+                            "or references = the class's k references alone (a score depends only on the image, "
+                            f"the model and the references; docs/method.md §2.10). Default {default}")
 
 
 def real_number(text: str) -> float:
@@ -241,7 +253,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                       help="reference features of the class written by extract_ref_features.py (<save_dir>/<class>)")
     data.add_argument("--num_ref_shot", type=at_least(1), default=None, help="use the first k references (default: all)")
     data.add_argument("--images", nargs="+", required=True, metavar="PATH",
-                      help="folders (searched recursively) and image files to score")
+                      help="folders (searched recursively) and image files to score, or - to read image paths "
+                           "from standard input, one per line, each scored as it arrives")
     data.add_argument("--out", required=True, help="output folder: scores.csv, heatmaps/, maps/, predict_run.json")
     judged = parser.add_argument_group("threshold")
     exclusive = judged.add_mutually_exclusive_group()
@@ -256,6 +269,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     written.add_argument("--anomaly_map", default="authors", choices=list(ANOMALY_MAP_RECIPES),
                          help="the map, as main.py --anomaly_map")
     written.add_argument("--image_score", default="max", choices=IMAGE_SCORES, help="as main.py --image_score")
+    add_normalization_argument(written, default="references")
     written.add_argument("--fdm_alpha", type=float, default=0.4, help="EFDM strength (1 = no matching)")
     written.add_argument("--smooth_sigma", type=float, default=4.0, help="Gaussian smoothing of the maps")
     run = parser.add_argument_group("run")

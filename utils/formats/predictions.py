@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -64,22 +64,36 @@ class PredictionOutputs:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def output_names(found: Sequence[Tuple[str, str]]) -> List[str]:
-    """The ``<name>`` of each (image path, the folder it was found in, or "" for a file given by itself)."""
-    def stem(path: str, root: str, keep_extension: bool) -> str:
-        relative = os.path.relpath(path, root) if root else os.path.basename(path)
-        base, extension = os.path.splitext(relative)
-        return f"{base}_{extension[1:]}" if keep_extension and extension else base
+class OutputNames:
+    """Unique ``<name>`` s: a name already taken gets the first free suffix ``_2``, ``_3``, ... (checked
+    against every name taken so far, suffixed ones included)."""
 
-    plain = [stem(path, root, False) for path, root in found]
+    def __init__(self):
+        self.taken = set()
+
+    def claim(self, name: str) -> str:
+        unique, number = name, 1
+        while unique in self.taken:
+            number += 1
+            unique = f"{name}_{number}"
+        self.taken.add(unique)
+        return unique
+
+
+def _stem(path: str, root: str, keep_extension: bool) -> str:
+    relative = os.path.relpath(path, root) if root else os.path.basename(path)
+    base, extension = os.path.splitext(relative)
+    return f"{base}_{extension[1:]}" if keep_extension and extension else base
+
+
+def output_names(found: Sequence[Tuple[str, str]], names: Optional[OutputNames] = None) -> List[str]:
+    """The ``<name>`` of each (image path, the folder it was found in, or "" for a file given by itself),
+    claimed in ``names`` (a new :class:`OutputNames` by default)."""
+    names = names or OutputNames()
+    plain = [_stem(path, root, False) for path, root in found]
     shared = {name for name, count in Counter(plain).items() if count > 1}
-    names = [stem(path, root, True) if name in shared else name for (path, root), name in zip(found, plain)]
-    seen: Counter = Counter()
-    for i, name in enumerate(names):  # the same name under two --images folders: _2, _3, ...
-        seen[name] += 1
-        if seen[name] > 1:
-            names[i] = f"{name}_{seen[name]}"
-    return names
+    return [names.claim(_stem(path, root, True) if name in shared else name)
+            for (path, root), name in zip(found, plain)]
 
 
 def judge(score: float, threshold: float) -> str:
@@ -91,9 +105,10 @@ class ScoresWriter:
     """Writes ``scores.csv`` row by row to a temporary file that replaces the final name only when
     every row is written (:meth:`open`), so an interrupted run leaves the previous file intact."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, header: bool = True):
         self._writer = csv.writer(handle)
-        self._writer.writerow(SCORE_COLUMNS)
+        if header:
+            self._writer.writerow(SCORE_COLUMNS)
         self.counts = Counter()
 
     @classmethod
@@ -111,6 +126,47 @@ class ScoresWriter:
     def failed(self, image: str, threshold: float, error: str) -> None:
         self._writer.writerow([image, "", FAILED, f"{threshold:.9g}", error])
         self.counts[FAILED] += 1
+
+
+class ScoresAppender(ScoresWriter):
+    """Appends rows to ``scores.csv`` a batch at a time (:meth:`commit`: flushed and synced), so that an
+    interrupted run keeps every batch it finished; :func:`scored_images` reads them back for a re-run."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fresh = not os.path.isfile(path)
+        self._handle = open(path, "a", newline="")
+        super().__init__(self._handle, header=fresh)
+
+    def commit(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self.commit()
+        self._handle.close()
+
+    def __enter__(self) -> "ScoresAppender":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+def scored_images(path: str, flag: str = "--out") -> List[str]:
+    """The images of an existing ``scores.csv`` in order (none when it does not exist).  A last row that a
+    killed run left unfinished (no line end) is cut off the file first; UserError when it is not a
+    scores file."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+    if os.path.getsize(path) == 0:   # killed before its header was written
+        os.remove(path)
+        return []
+    return read_scores(path, flag)["image"].tolist()
 
 
 def read_scores(path: str, flag: str = "--scores") -> pd.DataFrame:

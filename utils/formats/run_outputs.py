@@ -24,6 +24,8 @@ from utils.metrics import METRIC_NAMES
 
 CLASS_COLUMN = "Class Name"
 CSV_COLUMNS = (CLASS_COLUMN,) + METRIC_NAMES
+MAP_COLUMN = "Map"                            # the maps and baseline tables: which map a row is about
+IMAGE_COLUMNS = (CLASS_COLUMN, "Image", "Label")  # the per-image scores tables, then one column per map
 MEAN = "Mean"
 SHOT_FOLDER = re.compile(r"^(?P<setting>.+)_(?P<k>\d+)shot$")
 
@@ -50,13 +52,24 @@ class RunOutputs:
         """The metrics of each single map (a row per class and map, Mean rows per map)."""
         return self.path(f"_epoch{epoch}_maps.csv")
 
+    def scores_csv(self, epoch: int) -> str:
+        """One row per test image: its class, path, label and the image score of each map computed."""
+        return self.path(f"_epoch{epoch}_scores.csv")
+
     def baseline_csv(self, epoch: int) -> str:
-        """The kNN baseline's table beside the evaluation of ``epoch``."""
+        """The kNN baseline's table beside the evaluation of ``epoch`` (a ``Map`` column, as the maps CSV)."""
         return self.path(f"_epoch{epoch}_baseline.csv")
+
+    def baseline_scores_csv(self, epoch: int) -> str:
+        """The kNN baseline's image scores beside the evaluation of ``epoch``, as :meth:`scores_csv`."""
+        return self.path(f"_epoch{epoch}_baseline_scores.csv")
 
     def knn_only_csv(self) -> str:
         """``--baseline knn``: the baseline evaluated alone."""
         return self.path("_baseline.csv")
+
+    def knn_only_scores_csv(self) -> str:
+        return self.path("_baseline_scores.csv")
 
     def knn_only_json(self) -> str:
         return self.path("_baseline.json")

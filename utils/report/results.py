@@ -7,9 +7,9 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
-from utils.formats.run_outputs import RunOutputs, image_label, mean_row, results_table, write_table
-
-MAP_COLUMN = "Map"
+from utils.atomic import save_csv, save_json
+from utils.formats.run_outputs import (CLASS_COLUMN, IMAGE_COLUMNS, MAP_COLUMN, RunOutputs, image_label, mean_row,
+                                       results_table, write_table)
 from utils.report import plots
 
 
@@ -38,6 +38,7 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class, heatmaps: bool) -> 
     plots.plot_class_metric(table, "Pixel AUC", out.pixel_auroc_png(epoch),
                             title=f"{out.name}, epoch {epoch}: pixel AUROC per class")
     write_single_maps(out, epoch, per_class)
+    write_image_scores(out.scores_csv(epoch), per_class, "scores")
     if heatmaps:
         for class_name, ev in per_class.items():
             for item in ev.heatmaps:
@@ -45,16 +46,36 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class, heatmaps: bool) -> 
     return table
 
 
-def single_maps_table(per_class) -> Optional[pd.DataFrame]:
-    """A ``Map`` column and, per map, the rows of :func:`results_table` (classes, then Mean); None without maps."""
-    names = next((list(ev.maps) for ev in per_class.values() if ev.maps), None)
-    if names is None:
+def maps_table(metrics: Dict[str, Dict[str, Dict[str, float]]]) -> Optional[pd.DataFrame]:
+    """A ``Map`` column and, per map, the rows of :func:`results_table` (classes, then Mean), from
+    ``metrics[class][map]``; None without maps."""
+    names = list(dict.fromkeys(name for per_map in metrics.values() for name in per_map))
+    if not names:
         return None
-    tables = [results_table({c: ev.maps[name] for c, ev in per_class.items() if name in ev.maps})
+    tables = [results_table({c: per_map[name] for c, per_map in metrics.items() if name in per_map})
               for name in names]
     for name, table in zip(names, tables):
         table.insert(1, MAP_COLUMN, name)
     return pd.concat(tables, ignore_index=True)
+
+
+def single_maps_table(per_class) -> Optional[pd.DataFrame]:
+    """:func:`maps_table` of the single maps of :class:`utils.run.evaluation.ClassEvaluation` results."""
+    return maps_table({name: ev.maps for name, ev in per_class.items() if ev.maps})
+
+
+def write_image_scores(path: str, per_class, attribute: str) -> None:
+    """One row per test image (class, path, label) and a column per map of ``ev.<attribute>`` (the image
+    scores of each map); nothing when no class has scores."""
+    frames = []
+    for class_name, ev in per_class.items():
+        scores = getattr(ev, attribute)
+        if scores:
+            frames.append(pd.DataFrame({CLASS_COLUMN: class_name, IMAGE_COLUMNS[1]: ev.paths,
+                                        IMAGE_COLUMNS[2]: np.asarray(ev.labels, dtype=int),
+                                        **{name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}}))
+    if frames:
+        save_csv(path, pd.concat(frames, ignore_index=True), float_format="%.9g")
 
 
 def write_single_maps(out: RunOutputs, epoch: int, per_class) -> None:
@@ -76,17 +97,22 @@ def _save_heatmap(out: RunOutputs, class_name: str, item: dict) -> None:
 
 
 def write_knn_beside(out: RunOutputs, epoch: int, per_class) -> Optional[pd.DataFrame]:
-    """``<run>_epoch<E>_baseline.csv``: the kNN baseline's row per class beside ResAD's; None without one."""
-    metrics = {name: ev.knn for name, ev in per_class.items() if ev.knn is not None}
-    if not metrics:
+    """``<run>_epoch<E>_baseline.csv`` (a ``Map`` column: the baseline raw and under the run's rule) and its
+    per-image scores beside ResAD's; None without a baseline."""
+    table = maps_table({name: ev.knn for name, ev in per_class.items() if ev.knn})
+    if table is None:
         return None
-    table = results_table(metrics)
     write_table(out.baseline_csv(epoch), None, table)
+    write_image_scores(out.baseline_scores_csv(epoch), per_class, "knn_scores")
     return table
 
 
-def write_knn_only(out: RunOutputs, per_class: Dict[str, Dict[str, float]]) -> pd.DataFrame:
-    """``--baseline knn``: ``<run>_baseline.csv/.json``."""
-    table = results_table(per_class)
-    write_table(out.knn_only_csv(), out.knn_only_json(), table, run=out.name, baseline="knn")
+def write_knn_only(out: RunOutputs, per_class) -> pd.DataFrame:
+    """``--baseline knn``: ``<run>_baseline.csv/.json`` (as :func:`write_knn_beside`) and its per-image scores."""
+    table = maps_table({name: ev.knn for name, ev in per_class.items()})
+    save_csv(out.knn_only_csv(), table)
+    save_json(out.knn_only_json(), {"run": out.name, "baseline": "knn", "maps": {
+        name: {r[CLASS_COLUMN]: {m: r[m] for m in part.columns if m not in (CLASS_COLUMN, MAP_COLUMN)}
+               for _, r in part.iterrows()} for name, part in table.groupby(MAP_COLUMN, sort=False)}})
+    write_image_scores(out.knn_only_scores_csv(), per_class, "knn_scores")
     return table

@@ -155,6 +155,11 @@ def write_run_records(paths: Dict[int, str], description: dict,
         save_json(path, record)
 
 
+def read_record(path: str) -> dict:
+    """A run record, or {} when it is missing or unreadable."""
+    return _read(path) or {}
+
+
 def _read(path: str) -> Optional[dict]:
     try:
         with open(path) as f:

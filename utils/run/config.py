@@ -16,6 +16,7 @@ from datasets import SettingSpec
 from datasets.anomaly_source import ANOMALY_SOURCES
 from datasets.defects import DEFECT_FAMILIES
 from models.extractor import BackboneConfig
+from models.calibration import NORMALIZATIONS
 from models.resad import ModelConfig
 
 
@@ -69,6 +70,11 @@ class EvalConfig:
     anomaly_map: str = "authors"          # the map a run scores with (models.anomaly_map.ANOMALY_MAP_RECIPES)
     image_score: str = "max"              # image score from the map (models.anomaly_map.IMAGE_SCORES)
     map_metrics: bool = True              # also the metrics of each single map (<run>_epoch<E>_maps.csv)
+    normalization: str = "set"            # the maps' statistics: the scored set's or the references' (NORMALIZATIONS)
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class PredictConfig:
     save_maps: bool = False               # one float16 .npy map per image
     anomaly_map: str = "authors"          # models.anomaly_map.ANOMALY_MAP_RECIPES
     image_score: str = "max"              # models.anomaly_map.IMAGE_SCORES
+    normalization: str = "references"     # the maps' statistics: the references' (one image at a time) or the set's
     fdm_alpha: float = 0.4
     smooth_sigma: float = 4.0
     batch_size: int = 32
@@ -120,3 +127,5 @@ class PredictConfig:
     def __post_init__(self):
         if (self.ref_images is None) == (self.ref_features is None):
             raise ValueError("give exactly one of ref_images and ref_features")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")

@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
 from datasets.base import has_pixel_labels
-from models.anomaly_map import ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, needs_nearest, resad_maps
+from models.anomaly_map import (ANOMALY_MAP_RECIPES, SINGLE_MAPS, image_scores, nearest_levels, needs_nearest,
+                                normalized_baseline, resad_maps)
+from models.calibration import Calibration, calibrate_model
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
@@ -30,8 +32,12 @@ class ClassEvaluation:
     heatmaps: List[dict]                 # a few samples: image (S,S,3) in [0,1], mask, map, label, path, value_range,
                                          # role, score, threshold
     group_metrics: List[Dict[str, float]] = field(default_factory=list)  # one per reference group
-    knn: Optional[Dict[str, float]] = None   # the kNN baseline's metrics on the same images (first k shots)
+    knn: Optional[Dict[str, Dict[str, float]]] = None  # the kNN baseline's metrics per KNN_MAPS row (first k shots)
     maps: Dict[str, Dict[str, float]] = field(default_factory=dict)  # each single map's metrics (first group)
+    scores: Dict[str, np.ndarray] = field(default_factory=dict)      # per map computed: the image scores (first group)
+    knn_scores: Dict[str, np.ndarray] = field(default_factory=dict)  # per KNN_MAPS row: the baseline's image scores
+    paths: List[str] = field(default_factory=list)                   # the test images, in the order of the scores
+    labels: Optional[np.ndarray] = None
 
 
 def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[ReferenceBank]:
@@ -52,7 +58,7 @@ def reference_groups(bank: ReferenceBank, groups: int, seed: int) -> List[Refere
 
 
 @dataclass
-class _ClassScores:
+class ClassScores:
     """What the test images of one class leave after scoring: per (group, k) the model's per-level
     outputs (:class:`LevelScores` of per-level lists of batches), the labels and masks, and the kNN distances."""
     maps: Dict[Tuple[int, int], LevelScores]
@@ -71,9 +77,11 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
     Per batch the features are extracted once and matched once per reference group
     against the largest bank (:meth:`ResAD.forward_shots`); each k reads its nearest
     references off that matching.  With ``config.ref_groups`` N > 1 every k is evaluated
-    with N draws of its references seeded by ``seed`` (mean and std).  With ``knn_cache``
-    (a dict, kept by the caller across evaluations: the backbone is frozen) the kNN
-    baseline's metrics are computed once per (shots, class), on the first k shots.
+    with N draws of its references seeded by ``seed`` (mean and std).  The maps are
+    normalised by the statistics of the class's test images (``config.normalization`` "set")
+    or by the class's calibration from its k references ("references", :mod:`models.calibration`).
+    With ``knn_cache`` (a dict, kept by the caller across evaluations: the backbone is frozen)
+    the kNN baseline's metrics are computed once per (shots, class), on the first k shots.
     """
     model.eval()
     results: Dict[int, Dict[str, ClassEvaluation]] = {k: {} for k in config.shots}
@@ -83,29 +91,33 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
         scores = _score_class(model, extractor, class_name, samples, group_banks, config, device, num_workers,
                               knn_shots)
         for k in config.shots:
+            calibrations = _calibrations(model, extractor, group_banks, k, config, scores)
             results[k][class_name] = _class_result(scores, k, class_name, samples, extractor, config,
-                                                   num_heatmaps, knn_cache)
+                                                   num_heatmaps, knn_cache, calibrations)
     return results
 
 
 def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, samples: Sequence[Sample],
                  group_banks: Sequence[ReferenceBank], config: EvalConfig, device: torch.device, num_workers: int,
-                 knn_shots: Optional[Sequence[int]]) -> _ClassScores:
+                 knn_shots: Optional[Sequence[int]]) -> ClassScores:
     levels = range(len(model.channels))
     maps = {(g, k): LevelScores(*([[] for _ in levels] for _ in LevelScores._fields))
             for g in range(len(group_banks)) for k in config.shots}
     labels, masks = [], []
     knn = KnnAccumulator(knn_shots, model.matcher) if knn_shots is not None else None
-    nearest = needs_nearest(ANOMALY_MAP_RECIPES[config.anomaly_map])
+    kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
+    # The nearest-reference search covers the levels the run's map reads, and all of them when the
+    # baseline (which reads all) takes its distances from it.
+    nearest = nearest_levels([kind] + (["knn"] if knn_shots else []), len(levels)) if needs_nearest(kind) else None
     loader = make_loader(samples, extractor, config.batch_size, num_workers)
     for batch in tqdm(staged(loader, "loading"), total=len(loader), desc=f"eval {class_name}",
                       leave=False, dynamic_ncols=True):
         features = extractor(batch["image"].to(device, non_blocking=True))
-        if knn is not None and not nearest:
+        if knn is not None and nearest is None:
             knn.add(features, group_banks[0])
         for g, bank in enumerate(group_banks):
-            scored = model.forward_shots(features, bank, config.shots, nearest=nearest)
-            if knn is not None and nearest and g == 0:  # the baseline's search is the one just done
+            scored = model.forward_shots(features, bank, config.shots, nearest_levels=nearest)
+            if knn is not None and nearest is not None and g == 0:  # the baseline's search is the one just done
                 knn.add_found({k: outputs.nearest for k, outputs in scored.items()})
             for k, outputs in scored.items():
                 for kept, batch_maps in zip(maps[g, k], outputs):
@@ -113,58 +125,130 @@ def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, sam
                         kept[level].append(batch_maps[level])
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"].squeeze(1).numpy() > 0.5)
-    return _ClassScores(maps, np.concatenate(labels), np.concatenate(masks), knn)
+    return ClassScores(maps, np.concatenate(labels), np.concatenate(masks), knn)
 
 
-def _class_result(scores: _ClassScores, k: int, class_name: str, samples: Sequence[Sample],
+def _joined(kept: List[list]) -> list:
+    """Per level the concatenated batches of one output (None at a level not searched); [] for an output
+    not computed."""
+    if not any(kept):
+        return []
+    return [None if level[0] is None else torch.cat(level) for level in kept]
+
+
+def _map_kinds(config: EvalConfig, group: int, with_nearest: bool, with_knn: bool) -> List[str]:
+    """The maps of reference group ``group`` whose statistics an evaluation needs: the run's own and,
+    in the first group, the single maps (those of the distances to the nearest reference only when the
+    run computed them) and the kNN baseline under the run's rule."""
+    kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
+    kinds = [kind]
+    if group == 0 and config.map_metrics:
+        kinds += [name for name in SINGLE_MAPS if with_nearest or not needs_nearest(name)]
+    if group == 0 and with_knn and normalized_baseline(kind) is not None:
+        kinds.append(normalized_baseline(kind))
+    return list(dict.fromkeys(kinds))
+
+
+def _calibrations(model: ResAD, extractor: FeatureExtractor, group_banks: Sequence[ReferenceBank], k: int,
+                  config: EvalConfig, scores: ClassScores) -> Dict[int, Calibration]:
+    """Per reference group, the calibration of the class from its first k references (empty under the
+    set's statistics)."""
+    if config.normalization != "references":
+        return {}
+    with_nearest = bool(scores.maps[0, k].nearest and scores.maps[0, k].nearest[-1])
+    with_knn = scores.knn is not None and k in scores.knn.levels
+    with stage("calibration"):
+        return {g: calibrate_model(model, bank.take(k), extractor.feature_sizes,
+                                   _map_kinds(config, g, with_nearest, with_knn), extractor.image_size,
+                                   config.smooth_sigma)
+                for g, bank in enumerate(group_banks)}
+
+
+def _statistics(calibration: Optional[Calibration], kind: str):
+    """The statistics of map ``kind``: the calibration's, or None (the set's own)."""
+    return calibration.statistics[kind] if calibration is not None else None
+
+
+def _class_result(scores: ClassScores, k: int, class_name: str, samples: Sequence[Sample],
                   extractor: FeatureExtractor, config: EvalConfig, num_heatmaps: int,
-                  knn_cache: Optional[dict]) -> ClassEvaluation:
-    """The metrics of one class at k shots (mean over the reference groups), its heat-maps and its kNN row."""
-    groups, heat, single = [], [], {}
+                  knn_cache: Optional[dict], calibrations: Dict[int, Calibration]) -> ClassEvaluation:
+    """The metrics of one class at k shots (mean over the reference groups), its heat-maps, its per-image
+    scores and its kNN rows."""
+    groups, heat, single, image_scores_of = [], [], {}, {}
     kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
     for g in range(config.ref_groups):
-        outputs = LevelScores(*([torch.cat(level) for level in kept if level] for kept in scores.maps.pop((g, k))))
+        outputs = LevelScores(*(_joined(kept) for kept in scores.maps.pop((g, k))))
         with stage("anomaly maps"):
-            maps = resad_maps(outputs, kind, size=extractor.image_size, sigma=config.smooth_sigma).numpy()
-        groups.append(_metrics(maps, scores, config))
+            maps = resad_maps(outputs, kind, size=extractor.image_size, sigma=config.smooth_sigma,
+                              statistics=_statistics(calibrations.get(g), kind)).numpy()
+        metrics, found = _metrics(maps, scores, config)
+        groups.append(metrics)
+        if g == 0:
+            image_scores_of["resad"] = found
         if g == 0 and num_heatmaps:
             heat = _failure_heatmaps(samples, maps, scores.labels, scores.masks, extractor, num_heatmaps,
                                      config.image_score)
         del maps
         if g == 0 and config.map_metrics:
-            single = _single_map_metrics(outputs, kind, groups[0], scores, extractor, config)
+            single = _single_map_metrics(outputs, kind, groups[0], scores, extractor, config, calibrations.get(0),
+                                         image_scores_of)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {m: float(np.nanmean([grp[m] for grp in groups])) for m in METRIC_NAMES}
     if scores.knn is not None and k in scores.knn.levels:
-        knn_maps = scores.knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
-        knn_cache[(k, class_name)] = _metrics(knn_maps, scores, config)
+        knn_cache[(k, class_name)] = knn_result(scores, k, kind, extractor, config, calibrations.get(0))
     knn = knn_cache.get((k, class_name)) if knn_cache is not None else None
     if single and knn is not None:
-        single["knn"] = knn
-    return ClassEvaluation(mean, heat, groups, knn=knn, maps=single)
+        single.update(knn["metrics"])
+    return ClassEvaluation(mean, heat, groups, knn=knn["metrics"] if knn else None, maps=single,
+                           scores=image_scores_of, knn_scores=knn["scores"] if knn else {},
+                           paths=[s.image for s in samples], labels=scores.labels)
 
 
-def _single_map_metrics(outputs: LevelScores, kind: str, result: Dict[str, float], scores: _ClassScores,
-                        extractor: FeatureExtractor, config: EvalConfig) -> Dict[str, Dict[str, float]]:
-    """The metrics of each single map of :data:`SINGLE_MAPS` ("resad" is the run's own result)."""
+def knn_result(scores: ClassScores, k: int, kind: str, extractor: FeatureExtractor, config: EvalConfig,
+               calibration: Optional[Calibration]) -> dict:
+    """The kNN baseline's metrics and image scores of a class (``scores.knn``) at k shots, per row of
+    :data:`KNN_MAPS`: raw (§6) and under the rule of the run's map ``kind`` (§6.1) normalised like it
+    (``calibration``: the class's, or None for the test set's statistics)."""
+    found = {}
+    with stage("kNN maps"):
+        levels = scores.knn.level_maps(k)
+        found["knn"] = scores.knn.maps(k, extractor.image_size, config.smooth_sigma).numpy()
+        rule = normalized_baseline(kind)
+        if rule is not None:
+            found["knn_normalized"] = resad_maps(LevelScores([], [], [], [], nearest=levels), rule,
+                                                 size=extractor.image_size, sigma=config.smooth_sigma,
+                                                 statistics=_statistics(calibration, rule)).numpy()
+    result = {"metrics": {}, "scores": {}}
+    for name, maps in found.items():
+        result["metrics"][name], result["scores"][name] = _metrics(maps, scores, config)
+    return result
+
+
+def _single_map_metrics(outputs: LevelScores, kind: str, result: Dict[str, float], scores: ClassScores,
+                        extractor: FeatureExtractor, config: EvalConfig, calibration: Optional[Calibration],
+                        image_scores_of: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """The metrics of each single map of :data:`SINGLE_MAPS` ("resad" is the run's own result); their image
+    scores go into ``image_scores_of``."""
     single = {"resad": result}
     for name in SINGLE_MAPS:
         if name == kind:
-            single[name] = result
+            single[name], image_scores_of[name] = result, image_scores_of["resad"]
             continue
-        if needs_nearest(name) and not outputs.nearest:   # a map of the kNN distances only when computed
-            continue
+        if needs_nearest(name) and not (outputs.nearest and outputs.nearest[-1] is not None):
+            continue   # a map of the kNN distances only when computed
         with stage("single maps"):
-            maps = resad_maps(outputs, name, size=extractor.image_size, sigma=config.smooth_sigma).numpy()
-            single[name] = _metrics(maps, scores, config)
+            maps = resad_maps(outputs, name, size=extractor.image_size, sigma=config.smooth_sigma,
+                              statistics=_statistics(calibration, name)).numpy()
+            single[name], image_scores_of[name] = _metrics(maps, scores, config)
     return single
 
 
-def _metrics(maps: np.ndarray, scores: _ClassScores, config: EvalConfig) -> Dict[str, float]:
+def _metrics(maps: np.ndarray, scores: ClassScores, config: EvalConfig) -> Tuple[Dict[str, float], np.ndarray]:
+    """The metrics of a class's maps, and its image scores."""
+    found = image_scores(maps, config.image_score).numpy()
     with stage("metrics (incl. AUPRO)"):
-        return compute_metrics(maps, scores.labels, scores.masks, image_scores(maps, config.image_score).numpy(),
-                               compute_aupro=config.aupro)
+        return compute_metrics(maps, scores.labels, scores.masks, found, compute_aupro=config.aupro), found
 
 
 def _failure_heatmaps(samples: Sequence[Sample], maps: np.ndarray, labels: np.ndarray, masks: np.ndarray,

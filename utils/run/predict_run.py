@@ -2,76 +2,91 @@
 and k normal references, without labels (docs/method.md §11).
 
 :func:`prepare_prediction` checks every input before time is spent (checkpoint, images, references,
-output folder, backbone weights), then builds the backbone, reads or encodes the references and
-loads the model.  :func:`predict` runs the passes of :mod:`utils.run.prediction`: score every image
-into a scratch store, the set's statistics, the references' threshold, then ``scores.csv`` (and the
-raw maps), then the heat-maps; every output file is written under a temporary name and renamed.
+output folder, backbone weights), then loads the :class:`utils.run.predictor.Scorer`.  :func:`predict` then
+scores the images:
+
+* ``--normalization references`` (the default): one pass.  Every image is scored on its own with the
+  class's calibration, and each batch's rows are appended to ``scores.csv`` as it finishes; a re-run
+  with the same ``--out`` skips the images already scored; ``--images -`` reads image paths from standard
+  input as they come.
+* ``--normalization set``: the images of the run are one set whose statistics normalise every map, in
+  the three passes of :mod:`utils.run.prediction`; ``scores.csv`` is written whole at the end.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from datasets import Sample
-from datasets.files import list_subfolders, walk_image_files
-from models.anomaly_map import ANOMALY_MAP_RECIPES, image_scores, needs_nearest
-from models.extractor import FeatureExtractor, set_amp, set_resize
-from models.matching import ReferenceBank
-from models.resad import ResAD
+from datasets.files import walk_image_files
+from models.anomaly_map import image_scores, nearest_levels, needed_fields, resad_maps, set_statistics
+from models.calibration import reference_outputs
+from models.extractor import FeatureExtractor
 from utils.atomic import atomic_path, check_writable, ensure_dir, save_json
 from utils.errors import UserError
-from utils.formats import checkpoint, reference_features
-from utils.formats.predictions import PredictionOutputs, ScoresWriter, judge, output_names
+from utils.formats.calibration import bank_fingerprint, model_fingerprint
+from utils.formats.predictions import (OutputNames, PredictionOutputs, ScoresAppender, ScoresWriter, judge,
+                                       output_names, scored_images)
 from utils.report import run_record
 from utils.report.plots import PredictionHeatmaps
 from utils.run.config import PredictConfig
-from utils.run.loaders import make_loader
-from utils.run.prediction import (OutputStore, build_maps, image_batches, input_image, leave_one_out_outputs,
-                                  needed_fields, reference_threshold, score_images, set_statistics)
-from utils.runtime import configure_device, resolve_device
+from utils.run.prediction import OutputStore, ReadableImages, image_batches, input_image, score_images
+from utils.run.predictor import CLASS, Scorer, check_references, load_scorer
 from utils.seed import seed_everything
 
-CLASS = "predict"  # the class name of every Sample: one class per run
+STDIN = "-"  # --images -: image paths on standard input, one per line
 
 
 @dataclass
 class PredictionInputs:
     """Everything a prediction run needs, checked."""
     config: PredictConfig
-    device: torch.device
-    state: dict                          # the checkpoint
-    extractor: FeatureExtractor
-    model: ResAD
-    bank: ReferenceBank
-    references: dict                     # what the references are, for the run record
-    samples: List[Sample]
+    scorer: Scorer
+    samples: List[Sample]                # the images to score (empty with --images -)
     names: List[str]                     # per image its output name (utils.formats.predictions)
+    claimed: OutputNames                 # every output name taken (--images - claims more as paths come)
     outputs: PredictionOutputs
+    references: List[str]                # the reference images' real paths (never scored)
     failures: Dict[int, str] = field(default_factory=dict)  # image index -> why it could not be read
 
     @property
     def kind(self) -> str:
-        return ANOMALY_MAP_RECIPES[self.config.anomaly_map]
+        return self.scorer.kind
+
+    @property
+    def streaming(self) -> bool:
+        return self.config.images == (STDIN,)
+
+
+def own_outputs(out: str) -> List[str]:
+    """The folders of ``out`` that a prediction run writes images into (never images to score)."""
+    outputs = PredictionOutputs(out)
+    return [os.path.join(os.path.abspath(os.path.dirname(path)), "") for path in (outputs.heatmap("x"),
+                                                                                   outputs.raw_map("x"))]
 
 
 def list_images(paths: Tuple[str, ...], out: str, flag: str = "--images") -> List[Tuple[str, str]]:
     """(image, the folder it was found in or "" for a file given by itself) of every folder (searched
-    recursively, the output folder ``out`` left out) and file of ``paths``; UserError for a missing path
-    or no image at all."""
-    found, outputs = [], os.path.join(os.path.abspath(out), "")
+    recursively, the output folder's heat-maps and maps left out) and file of ``paths``; UserError for a
+    missing path or no image at all."""
+    found, skipped = [], own_outputs(out)
     for path in paths:
         if os.path.isdir(path):
-            images = [p for p in walk_image_files(path) if not os.path.abspath(p).startswith(outputs)]
+            images = [p for p in walk_image_files(path)
+                      if not any(os.path.abspath(p).startswith(folder) for folder in skipped)]
             if not images:
                 raise UserError(f"{flag} {path}: the folder holds no images (.png/.jpg/.jpeg/.bmp/.tif, searched "
-                                "recursively); give a folder of images or image files")
+                                "recursively, the heat-maps of --out left out); give a folder of images or image "
+                                "files")
             found += [(image, path) for image in images]
         elif os.path.isfile(path):
             found.append((path, ""))
@@ -85,144 +100,286 @@ def list_images(paths: Tuple[str, ...], out: str, flag: str = "--images") -> Lis
     return list(unique.values())
 
 
-def reference_images(folder: str, shots: Optional[int]) -> List[str]:
-    """The first ``shots`` (default all) images under ``folder`` (sorted, recursive)."""
-    if not os.path.isdir(folder):
-        raise UserError(f"--ref_images {folder}: folder not found; give a folder of k normal images of the class")
-    images = walk_image_files(folder)
-    if not images:
-        raise UserError(f"--ref_images {folder}: the folder holds no images (.png/.jpg/.jpeg/.bmp/.tif); "
-                        "give a folder of k normal images of the class")
-    if shots is not None and shots > len(images):
-        raise UserError(f"--num_ref_shot {shots}: {folder} holds only {len(images)} images; ask for fewer")
-    return images[:shots]
-
-
-def reference_folder(path: str) -> Tuple[str, str]:
-    """(reference-feature folder, class) of ``--ref_features``: a class folder of extract_ref_features.py,
-    or its save folder when that holds one class only."""
-    flag = "--ref_features"
-    if not os.path.isdir(path):
-        raise UserError(f"{flag} {path}: folder not found; give a class folder written by extract_ref_features.py "
-                        "(<save_dir>/<class>)")
-    full = os.path.abspath(path)
-    if os.path.isfile(os.path.join(full, "layer1.npy")):
-        return os.path.dirname(full), os.path.basename(full)
-    classes = [c for c in list_subfolders(full) if os.path.isfile(os.path.join(full, c, "layer1.npy"))]
-    if len(classes) == 1:
-        return full, classes[0]
-    if not classes:
-        raise UserError(f"{flag} {path}: no reference features here (no layer1.npy); write them with "
-                        "extract_ref_features.py, or give normal images with --ref_images")
-    raise UserError(f"{flag} {path}: holds the features of {len(classes)} classes ({', '.join(classes)}); give "
-                    f"one class folder, e.g. {os.path.join(path, classes[0])}")
-
-
 def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtractor] = None) -> PredictionInputs:
-    """Check every input, then build the backbone (unless ``extractor`` is given), the references and the model."""
-    device = resolve_device(config.device)
-    configure_device(device)
+    """Check every input, then load the scorer (the backbone, unless ``extractor`` is given, the references,
+    the model and, under the references' normalisation, the class's calibration, kept in ``--out``)."""
     seed_everything(config.seed)
-    state = checkpoint.open_model(config.checkpoint)
-    found = list_images(config.images, config.out)
-    ref_files = reference_images(config.ref_images, config.num_ref_shot) if config.ref_images else None
-    ref_dir, ref_class = reference_folder(config.ref_features) if config.ref_features else (None, None)
+    if STDIN in config.images and (len(config.images) > 1 or config.normalization != "references"):
+        raise UserError("--images -: reads image paths from standard input alone, and scores each on its own "
+                        "(--normalization references); give no other --images, or a folder")
+    found = [] if config.images == (STDIN,) else list_images(config.images, config.out)
+    checked = check_references(config)
     check_writable(config.out, "--out")
-    backbone = checkpoint.backbone_config(state, config.backbone_weights, config.amp)
-    if extractor is None:
-        backbone.check_paths()
-    if ref_dir is not None:  # cheap: a wrong backbone costs no backbone build
-        meta = reference_features.read_meta(ref_dir, ref_class, "--ref_features")
-        whose = f"--checkpoint {config.checkpoint} holds a model trained with --backbone {backbone.name}"
-        reference_features.check_backbone(ref_dir, ref_class, meta, {"backbone": backbone.name,
-                                                                     "resize": backbone.resize}, whose,
-                                          flag="--ref_features")
-    extractor = set_resize(set_amp(extractor or backbone.build(device), config.amp), backbone.resize)
-    checkpoint.check_extractor(state, config.checkpoint, extractor)
-    bank, references = _references(config, extractor, ref_files, ref_dir, ref_class, device)
-    references["shots"] = bank.num_shots
-    if bank.num_shots < 2 and config.threshold is None:
-        raise UserError(f"{references['source']}: one reference image cannot score itself against the others; "
-                        "give at least two references, or a fixed image threshold with --threshold X")
-    model = checkpoint.build_model(state, extractor, config.fdm_alpha, device)
-    samples = [Sample(path, 0, (), CLASS) for path, _ in found]
-    return PredictionInputs(config, device, state, extractor, model, bank, references, samples, output_names(found),
-                            PredictionOutputs(config.out))
+    scorer = load_scorer(config, extractor, calibration_dir=_calibration_dir(config), checked=checked)
+    references = {os.path.realpath(p) for p in scorer.references.get("images", [])}
+    kept = [(image, root) for image, root in found if os.path.realpath(image) not in references]
+    if len(kept) < len(found):
+        print(f"note: {len(found) - len(kept)} of the images are the references themselves (their features are "
+              "in the bank, at distance 0); they are not scored")
+        if not kept:
+            raise UserError(f"--images {' '.join(config.images)}: holds only the reference images; give other images")
+    claimed = OutputNames()
+    samples = [Sample(path, 0, (), CLASS) for path, _ in kept]
+    return PredictionInputs(config, scorer, samples, output_names(kept, claimed), claimed,
+                            PredictionOutputs(config.out), sorted(references))
 
 
-def _references(config: PredictConfig, extractor: FeatureExtractor, ref_files: Optional[List[str]],
-                ref_dir: Optional[str], ref_class: Optional[str], device: torch.device) -> Tuple[ReferenceBank, dict]:
-    """The bank of ``--ref_images`` (encoded now) or ``--ref_features`` (read and checked), and its record."""
-    if ref_files is not None:
-        bank = encode_references(ref_files, extractor, config.batch_size, device)
-        return bank, {"source": "--ref_images", "dir": os.path.abspath(config.ref_images),
-                      "images": [os.path.abspath(p) for p in ref_files]}
-    bank = reference_features.load_bank(ref_dir, ref_class, extractor.describe(), config.num_ref_shot,
-                                        flag="--ref_features").to(device)
-    return bank, {"source": "--ref_features", "dir": os.path.join(ref_dir, ref_class),
-                  "meta": reference_features.read_meta(ref_dir, ref_class, "--ref_features")}
-
-
-@torch.inference_mode()
-def encode_references(files: List[str], extractor: FeatureExtractor, batch_size: int,
-                      device: torch.device) -> ReferenceBank:
-    """The bank of the reference images ``files``, encoded as extract_ref_features.py does."""
-    levels: List[List[torch.Tensor]] = [[] for _ in extractor.channels]
-    for batch in make_loader([Sample(path, 0, (), CLASS) for path in files], extractor, batch_size, 0):
-        for level, features in enumerate(extractor(batch["image"].to(device))):
-            levels[level].append(features)
-    return ReferenceBank.from_features([torch.cat(level) for level in levels])
+def _calibration_dir(config: PredictConfig) -> Optional[str]:
+    """Where the class's calibration is kept: ``--out`` (only under the references' normalisation)."""
+    return config.out if config.normalization == "references" else None
 
 
 def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None) -> dict:
     """Score, label and map the images of ``config``; returns the run record."""
-    inputs = prepare_prediction(config, extractor)
-    cfg, started, n = inputs.config, time.perf_counter(), len(inputs.samples)
-    print(f"predict: {n} images, {inputs.bank.num_shots} references ({inputs.references['source']}), backbone "
-          f"{inputs.extractor.name} (--resize {inputs.extractor.resize}, the checkpoint's), map {cfg.anomaly_map}, "
-          f"image score {cfg.image_score}, device {inputs.device}")
-    created = not os.path.isdir(cfg.out)
-    ensure_dir(cfg.out, "--out")
+    created = not os.path.isdir(config.out)
     try:
-        with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, inputs.extractor.feature_sizes,
-                                                              needed_fields(inputs.kind)) as store:
-            record = _passes(inputs, store, started)
+        inputs = prepare_prediction(config, extractor)
+        scorer, started = inputs.scorer, time.perf_counter()
+        print(f"predict: {'images from standard input' if inputs.streaming else f'{len(inputs.samples)} images'}, "
+              f"{scorer.bank.num_shots} references ({scorer.references['source']}), backbone {scorer.extractor.name} "
+              f"(--resize {scorer.extractor.resize}, the checkpoint's), map {config.anomaly_map}, image score "
+              f"{config.image_score}, normalization {config.normalization}, device {scorer.device}")
+        ensure_dir(config.out, "--out")
+        record = _stream(inputs, started) if config.normalization == "references" else _set_passes(inputs, started)
     except BaseException:
-        if created and not os.listdir(cfg.out):  # a run that wrote nothing leaves no empty folder either
-            os.rmdir(cfg.out)
+        if created and os.path.isdir(config.out) and not _results_in(config.out):
+            _remove_tree(config.out)   # a run that scored nothing leaves no folder behind
         raise
-    record["seconds"]["total"] = total = time.perf_counter() - started
-    record["images_per_second"] = n / total
-    save_json(inputs.outputs.run_record(), record)
-    counts = record["images"]
+    counts, total = record["images"], record["seconds"]["total"]
     print(f"predict: {counts.get('anomalous', 0)} anomalous, {counts.get('normal', 0)} normal, "
-          f"{counts.get('failed', 0)} failed of {n} images ({total:.1f} s, {n / total:.2f} images/s); results in "
-          f"{cfg.out}: scores.csv, predict_run.json" + (", heatmaps/" if cfg.heatmaps else "")
-          + (", maps/" if cfg.save_maps else ""))
+          f"{counts.get('failed', 0)} failed of {counts['count']} images ({total:.1f} s); results in {config.out}: "
+          "scores.csv, predict_run.json" + (", heatmaps/" if config.heatmaps else "")
+          + (", maps/" if config.save_maps else ""))
     return record
 
 
-def _passes(inputs: PredictionInputs, store: OutputStore, started: float) -> dict:
-    """Score every image into ``store``, the set's statistics and the threshold, then ``scores.csv`` (the
-    run record written beside it), then the heat-maps; returns the run record."""
-    cfg = inputs.config
-    read = score_images(inputs.model, inputs.extractor, inputs.bank, inputs.samples, store, cfg.batch_size,
-                        cfg.num_workers, inputs.device, lambda i, why: _failed(inputs, i, why))
-    if not read.any():
-        raise UserError(f"--images: none of the {len(inputs.samples)} images could be read (first: "
-                        f"{inputs.failures[0]})")
-    statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
-                                inputs.extractor.image_size)
-    threshold = _threshold(inputs, statistics)
-    scored = time.perf_counter()
-    value_range, counts = write_scores(inputs, store, read, statistics, threshold["value"])
-    record = _record(inputs, threshold, value_range, counts,
-                     {"scoring": scored - started, "scores": time.perf_counter() - scored})
+def _results_in(folder: str) -> bool:
+    return os.path.isfile(PredictionOutputs(folder).scores_csv())
+
+
+def _remove_tree(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one image at a time
+
+def run_identity(inputs: PredictionInputs) -> dict:
+    """What makes the rows of ``scores.csv`` comparable: a re-run continues them only when this is equal."""
+    cfg, scorer = inputs.config, inputs.scorer
+    return {"model": model_fingerprint(scorer.state["model"]), "references": bank_fingerprint(scorer.bank),
+            "anomaly_map": cfg.anomaly_map, "image_score": cfg.image_score, "normalization": cfg.normalization,
+            "fdm_alpha": cfg.fdm_alpha, "smooth_sigma": cfg.smooth_sigma, "threshold": scorer.threshold}
+
+
+def _resumable(inputs: PredictionInputs, identity: dict) -> List[str]:
+    """The images of an earlier run into the same ``--out`` that this one continues; UserError when that
+    run was made with another checkpoint, other references or other options."""
+    outputs = inputs.outputs
+    earlier = scored_images(outputs.scores_csv())
+    if not earlier:
+        return []
+    recorded = run_record.read_record(outputs.run_record()).get("identity")
+    if recorded != identity:
+        differs = sorted(k for k in identity if (recorded or {}).get(k) != identity[k]) if recorded else ["record"]
+        raise UserError(f"--out {inputs.config.out}: holds the scores.csv of another run (other "
+                        f"{', '.join(differs)}); give a new --out, or remove its scores.csv to start again")
+    return earlier
+
+
+def _stream(inputs: PredictionInputs, started: float) -> dict:
+    """Score every image on its own, appending each batch's rows to ``scores.csv``; returns the run record."""
+    cfg, scorer = inputs.config, inputs.scorer
+    identity = run_identity(inputs)
+    done = _resumable(inputs, identity)
+    threshold = scorer.threshold
+    print(f"threshold {threshold:.6g}: {_threshold_source(scorer)}")
+    record = _record(inputs, identity, {}, {"count": 0}, {})
+    record["status"] = "running"
     save_json(inputs.outputs.run_record(), record)
-    if cfg.heatmaps:
-        drawn = time.perf_counter()
-        draw_heatmaps(inputs, store, read, statistics, threshold["value"], value_range)
-        record["seconds"]["heatmaps"] = time.perf_counter() - drawn
+    counts = _score_pending(inputs, done, threshold)
+    record.update(status="done", images=dict(counts, inputs=[os.path.abspath(p) for p in cfg.images],
+                                             earlier=len(done)))
+    total = time.perf_counter() - started
+    record["seconds"] = {"total": total}
+    record["images_per_second"] = (counts["count"] - len(done)) / total if total else 0.0
+    save_json(inputs.outputs.run_record(), record)
+    return record
+
+
+def _threshold_source(scorer: Scorer) -> str:
+    cfg = scorer.config
+    if cfg.threshold is not None:
+        return "--threshold"
+    scores = scorer.calibration.reference_scores[scorer.kind][cfg.image_score]
+    rule = "max" if cfg.threshold_quantile is None else f"quantile {cfg.threshold_quantile:g}"
+    how = ("each against the other " + str(len(scores) - 1) if len(scores) > 1
+           else "the one reference against itself outside each position's neighbourhood")
+    return (f"the {rule} of the {len(scores)} references' scores ({how}: " + ", ".join(f"{s:.4g}" for s in scores)
+            + f"), calibration {scorer.calibration_record.get('path') or 'in memory'}")
+
+
+def _score_pending(inputs: PredictionInputs, done: List[str], threshold: float) -> dict:
+    """Score the images not yet in ``scores.csv`` batch by batch; the counts of every label (earlier rows too)."""
+    cfg, scorer = inputs.config, inputs.scorer
+    for path in done if inputs.streaming else ():   # the names the earlier rows took, in their order
+        inputs.claimed.claim(os.path.splitext(os.path.basename(path))[0])
+    held, counts, readable = [], {"count": len(done)}, 0
+    canvas = PredictionHeatmaps(scorer.value_range(), threshold, size=scorer.extractor.image_size) \
+        if cfg.heatmaps else None
+    try:
+        writer = None
+        for paths, names, batch in _pending_batches(inputs, set(map(os.path.abspath, done))):
+            rows = _score_batch(inputs, paths, names, batch, threshold, canvas)
+            readable += sum(1 for row in rows if row[1] is not None)
+            held += rows
+            if readable and writer is None:
+                writer = ScoresAppender(inputs.outputs.scores_csv())
+            if writer is not None:
+                _write_rows(writer, held, threshold, counts)
+                held = []
+        if writer is not None:
+            writer.close()
+    finally:
+        if canvas is not None:
+            canvas.close()
+    if held and not readable and not done:
+        raise UserError(f"--images: none of the {len(held)} images could be read (first: {held[0][0]}: "
+                        f"{held[0][2]})")
+    return counts
+
+
+def _write_rows(writer: ScoresAppender, rows: List[tuple], threshold: float, counts: dict) -> None:
+    for path, score, error in rows:
+        if score is None:
+            writer.failed(path, threshold, error)
+        else:
+            writer.scored(path, score, threshold)
+    writer.commit()
+    for label, count in writer.counts.items():
+        counts[label] = count
+    counts["count"] += len(rows)
+
+
+def _pending_batches(inputs: PredictionInputs, done: set) -> Iterator[Tuple[List[str], List[str], dict]]:
+    """(paths, output names, batch of :class:`ReadableImages` items) of the images still to score."""
+    cfg, extractor = inputs.config, inputs.scorer.extractor
+    if not inputs.streaming:
+        pending = [i for i, s in enumerate(inputs.samples) if os.path.abspath(s.image) not in done]
+        if len(pending) < len(inputs.samples):
+            print(f"{len(inputs.samples) - len(pending)} of {len(inputs.samples)} images are already in "
+                  f"{inputs.outputs.scores_csv()}; scoring the other {len(pending)}")
+        samples = [inputs.samples[i] for i in pending]
+        names = [inputs.names[i] for i in pending]
+        for start, batch in image_batches(samples, extractor, cfg.batch_size, cfg.num_workers, "scoring"):
+            end = start + len(batch["path"])
+            yield list(batch["path"]), names[start:end], batch
+        return
+    dataset = ReadableImages([], image_size=extractor.image_size, mean=extractor.mean, std=extractor.std,
+                             resize=extractor.resize)
+    references = set(inputs.references)
+    for paths in stdin_paths(sys.stdin, cfg.batch_size):
+        paths = [p for p in paths if os.path.abspath(p) not in done and os.path.realpath(p) not in references]
+        if paths:
+            dataset.samples = [Sample(p, 0, (), CLASS) for p in paths]
+            names = [inputs.claimed.claim(os.path.splitext(os.path.basename(p))[0]) for p in paths]
+            yield paths, names, default_collate([dataset[i] for i in range(len(paths))])
+
+
+def stdin_paths(stream, batch_size: int) -> Iterator[List[str]]:
+    """Batches of the non-empty lines of ``stream``: at most ``batch_size``, and a smaller one as soon as no
+    further line is waiting, so that an image is scored when it arrives rather than when a batch is full."""
+    import select
+
+    batch: List[str] = []
+    for line in stream:
+        if line.strip():
+            batch.append(line.strip())
+        waiting = bool(select.select([stream], [], [], 0)[0]) if hasattr(stream, "fileno") else True
+        if len(batch) >= batch_size or (batch and not waiting):
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _score_batch(inputs: PredictionInputs, paths: List[str], names: List[str], batch: dict, threshold: float,
+                 canvas: Optional[PredictionHeatmaps]) -> List[tuple]:
+    """(path, score or None, error) per image of a batch; its raw maps and heat-maps written."""
+    cfg, scorer = inputs.config, inputs.scorer
+    good = [i for i, error in enumerate(batch["error"]) if not error]
+    for i, error in enumerate(batch["error"]):
+        if error:
+            tqdm.write(f"warning: {error}; its row in scores.csv is marked failed", file=sys.stderr)
+    scores, maps = scorer.score(batch["image"][good]) if good else (np.zeros(0), None)
+    found = dict(zip(good, scores.tolist()))
+    for j, i in enumerate(good):
+        if cfg.save_maps:
+            _save_map(inputs.outputs.raw_map(names[i]), maps[j])
+        if canvas is not None:
+            canvas.save(inputs.outputs.heatmap(names[i]), input_image(batch["image"][i], scorer.extractor),
+                        maps[j].numpy(), _title(names[i], found[i], threshold))
+    return [(path, found.get(i), batch["error"][i]) for i, path in enumerate(paths)]
+
+
+def _title(name: str, score: float, threshold: float) -> str:
+    return (f"{name}: image score {score:.4g} {'>' if score > threshold else '<='} threshold {threshold:.4g}: "
+            f"{judge(score, threshold)}")
+
+
+def _save_map(path: str, values: torch.Tensor) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, values.numpy().astype(np.float16))
+
+
+def _record(inputs: PredictionInputs, identity: dict, threshold: dict, images: dict, seconds: dict) -> dict:
+    cfg, scorer = inputs.config, inputs.scorer
+    state = scorer.state
+    if not threshold:
+        threshold = {"value": scorer.threshold, "from": "--threshold" if cfg.threshold is not None else "references"}
+        if cfg.threshold is None and scorer.calibration is not None:
+            threshold.update(rule="max" if cfg.threshold_quantile is None else f"quantile {cfg.threshold_quantile:g}",
+                             reference_scores=scorer.calibration.reference_scores[scorer.kind][cfg.image_score])
+    return run_record.prediction_record(
+        cfg.arguments, cfg.seed, scorer.device, identity=identity,
+        checkpoint={"path": os.path.abspath(cfg.checkpoint), "epoch": int(state.get("epoch", 0)),
+                    "trained_on": state["trained_on"], "model_config": state.get("model_config")},
+        references=scorer.references, calibration=scorer.calibration_record,
+        images=images,
+        maps={"anomaly_map": cfg.anomaly_map, "kind": scorer.kind, "image_score": cfg.image_score,
+              "normalization": cfg.normalization, "smooth_sigma": cfg.smooth_sigma, "fdm_alpha": cfg.fdm_alpha,
+              "resize": scorer.extractor.resize},
+        threshold=threshold, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- the set's statistics
+
+def _set_passes(inputs: PredictionInputs, started: float) -> dict:
+    """``--normalization set``: score every image into a scratch store, the set's statistics and the
+    threshold, then ``scores.csv`` (the run record beside it), then the heat-maps; returns the run record."""
+    cfg, scorer, n = inputs.config, inputs.scorer, len(inputs.samples)
+    with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, scorer.extractor.feature_sizes,
+                                                          needed_fields(inputs.kind)) as store:
+        read = score_images(scorer.model, scorer.extractor, scorer.bank, inputs.samples, store, cfg.batch_size,
+                            cfg.num_workers, scorer.device, lambda i, why: _failed(inputs, i, why))
+        if not read.any():
+            raise UserError(f"--images: none of the {n} images could be read (first: {inputs.failures[0]})")
+        statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
+                                    scorer.extractor.image_size)
+        threshold = _set_threshold(inputs, statistics)
+        scored = time.perf_counter()
+        value_range, counts = write_set_scores(inputs, store, read, statistics, threshold["value"])
+        record = _record(inputs, {}, threshold, {"inputs": [os.path.abspath(p) for p in cfg.images], "count": n,
+                                                 **counts},
+                         {"scoring": scored - started, "scores": time.perf_counter() - scored})
+        save_json(inputs.outputs.run_record(), record)
+        if cfg.heatmaps:
+            drawn = time.perf_counter()
+            draw_set_heatmaps(inputs, store, read, statistics, threshold["value"], value_range)
+            record["seconds"]["heatmaps"] = time.perf_counter() - drawn
+    record["seconds"]["total"] = total = time.perf_counter() - started
+    record["images_per_second"] = n / total
+    save_json(inputs.outputs.run_record(), record)
     return record
 
 
@@ -231,34 +388,34 @@ def _failed(inputs: PredictionInputs, index: int, why: str) -> None:
     tqdm.write(f"warning: {why}; its row in scores.csv is marked failed", file=sys.stderr)
 
 
-def _threshold(inputs: PredictionInputs, statistics) -> dict:
-    """The image threshold: ``--threshold``, or from the references' leave-one-out scores (§11)."""
-    cfg = inputs.config
+def _set_threshold(inputs: PredictionInputs, statistics) -> dict:
+    """The image threshold: ``--threshold``, or from the references' scores (each against the other k-1)
+    under the set's statistics (§11.2)."""
+    cfg, scorer = inputs.config, inputs.scorer
     if cfg.threshold is not None:
         print(f"threshold {cfg.threshold:.6g} (--threshold)")
         return {"value": float(cfg.threshold), "from": "--threshold"}
-    flag = "--ref_images" if cfg.ref_images else "--ref_features"
-    outputs = leave_one_out_outputs(inputs.model, inputs.bank, inputs.extractor.feature_sizes, flag,
-                                    nearest=needs_nearest(inputs.kind))
-    maps = build_maps(outputs, inputs.kind, statistics, inputs.extractor.image_size, cfg.smooth_sigma)
+    levels = nearest_levels([inputs.kind], len(scorer.extractor.channels))
+    outputs = reference_outputs(scorer.model, scorer.bank, scorer.extractor.feature_sizes, levels)
+    maps = resad_maps(outputs, inputs.kind, scorer.extractor.image_size, cfg.smooth_sigma, statistics)
     scores = image_scores(maps, cfg.image_score).numpy().astype(np.float64)
-    value = reference_threshold(scores, cfg.threshold_quantile)
+    value = float(scores.max() if cfg.threshold_quantile is None else np.quantile(scores, cfg.threshold_quantile))
     rule = "max" if cfg.threshold_quantile is None else f"quantile {cfg.threshold_quantile:g}"
     print(f"threshold {value:.6g}: the {rule} of the {len(scores)} references' leave-one-out scores (each against "
           f"the other {len(scores) - 1}: " + ", ".join(f"{s:.4g}" for s in scores) + ")")
     return {"value": value, "from": "references", "rule": rule, "reference_scores": scores.tolist()}
 
 
-def write_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics,
-                 threshold: float) -> Tuple[Tuple[float, float], dict]:
+def write_set_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics,
+                     threshold: float) -> Tuple[Tuple[float, float], dict]:
     """Pass 2: ``scores.csv`` (and the raw maps); returns the maps' (min, max) and the count of each label."""
-    cfg, size, n = inputs.config, inputs.extractor.image_size, len(inputs.samples)
+    cfg, size, n = inputs.config, inputs.scorer.extractor.image_size, len(inputs.samples)
     low, high = np.inf, -np.inf
     with ScoresWriter.open(inputs.outputs.scores_csv()) as writer:
         for start in tqdm(range(0, n, cfg.batch_size), desc="scores", dynamic_ncols=True):
             chunk = np.arange(start, min(n, start + cfg.batch_size))
             good = chunk[read[chunk]]
-            maps = build_maps(store.get(good), inputs.kind, statistics, size, cfg.smooth_sigma) if len(good) else None
+            maps = resad_maps(store.get(good), inputs.kind, size, cfg.smooth_sigma, statistics) if len(good) else None
             scores = dict(zip(good.tolist(), image_scores(maps, cfg.image_score).tolist())) if len(good) else {}
             for j, index in enumerate(good.tolist()):
                 low, high = min(low, float(maps[j].min())), max(high, float(maps[j].max()))
@@ -273,16 +430,10 @@ def write_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray,
     return (low, high), dict(writer.counts)
 
 
-def _save_map(path: str, values: torch.Tensor) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, values.numpy().astype(np.float16))
-
-
-def draw_heatmaps(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics, threshold: float,
-                  value_range: Tuple[float, float]) -> None:
+def draw_set_heatmaps(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics, threshold: float,
+                      value_range: Tuple[float, float]) -> None:
     """Pass 3: one PNG per readable image, the images read again and the maps built again (cheap next to drawing)."""
-    cfg, extractor = inputs.config, inputs.extractor
+    cfg, extractor = inputs.config, inputs.scorer.extractor
     canvas = PredictionHeatmaps(value_range, threshold, size=extractor.image_size)
     try:
         for start, batch in image_batches(inputs.samples, extractor, cfg.batch_size, cfg.num_workers, "heat-maps"):
@@ -290,26 +441,11 @@ def draw_heatmaps(inputs: PredictionInputs, store: OutputStore, read: np.ndarray
             good = chunk[read[chunk]]
             if not len(good):
                 continue
-            maps = build_maps(store.get(good), inputs.kind, statistics, extractor.image_size, cfg.smooth_sigma)
+            maps = resad_maps(store.get(good), inputs.kind, extractor.image_size, cfg.smooth_sigma, statistics)
             scores = image_scores(maps, cfg.image_score).tolist()
             for j, index in enumerate(good.tolist()):
-                title = (f"{inputs.names[index]}: image score {scores[j]:.4g} "
-                         f"{'>' if scores[j] > threshold else '<='} threshold {threshold:.4g}: "
-                         f"{judge(scores[j], threshold)}")
                 canvas.save(inputs.outputs.heatmap(inputs.names[index]),
-                            input_image(batch["image"][index - start], extractor), maps[j].numpy(), title)
+                            input_image(batch["image"][index - start], extractor), maps[j].numpy(),
+                            _title(inputs.names[index], scores[j], threshold))
     finally:
         canvas.close()
-
-def _record(inputs: PredictionInputs, threshold: dict, value_range, counts: dict, seconds: dict) -> dict:
-    cfg, state = inputs.config, inputs.state
-    return run_record.prediction_record(
-        cfg.arguments, cfg.seed, inputs.device,
-        checkpoint={"path": os.path.abspath(cfg.checkpoint), "epoch": int(state.get("epoch", 0)),
-                    "trained_on": state["trained_on"], "model_config": state.get("model_config")},
-        references=inputs.references,
-        images={"inputs": [os.path.abspath(p) for p in cfg.images], "count": len(inputs.samples), **counts},
-        maps={"anomaly_map": cfg.anomaly_map, "kind": inputs.kind, "image_score": cfg.image_score,
-              "smooth_sigma": cfg.smooth_sigma, "fdm_alpha": cfg.fdm_alpha, "resize": inputs.extractor.resize,
-              "value_range": list(value_range)},
-        threshold=threshold, seconds=seconds)

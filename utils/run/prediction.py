@@ -1,70 +1,28 @@
-"""Anomaly maps of new images without labels, in passes whose memory does not grow with the images
-(docs/method.md §11; the run: :mod:`utils.run.predict_run`).
+"""Anomaly maps of new images normalised by the set they belong to (``predict.py --normalization set``), in
+passes whose memory does not grow with the images (docs/method.md §11; the run: :mod:`utils.run.predict_run`).
 
-ResAD's maps depend on the whole set of a class through a few statistics (§2.8, §2.9).  Pass 1
-(:func:`score_images`) runs the model on every image and keeps its low-resolution per-level
-outputs on disk (:class:`OutputStore`); :func:`set_statistics` reads them back for the set's
-statistics; :func:`build_maps`, the one place that turns model outputs into maps, then gives any
-chunk of images the maps it has in the whole set, which are the evaluation's maps.
-:func:`leave_one_out_outputs` scores each reference against the other k-1 for a threshold.
+Pass 1 (:func:`score_images`) runs the model on every image and keeps its low-resolution per-level
+outputs on disk (:class:`OutputStore`); :func:`models.anomaly_map.set_statistics` reads them back for the
+set's statistics; :func:`models.anomaly_map.resad_maps` then gives any chunk of images the maps it has in
+the whole set, which are the evaluation's maps.  :class:`ReadableImages` and :func:`image_batches` read the
+images of both normalisations.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets import AnomalyDataset, Sample
-from models.anomaly_map import (STANDARDIZED_TERMS, TERM_FIELDS, LevelMoments, MapStatistics, anomaly_maps,
-                                level_moments, map_statistics, standardized_maps, standardized_terms)
 from models.extractor import FeatureExtractor
 from models.matching import ReferenceBank
-from models.positions import unflatten_positions
 from models.resad import LevelScores, ResAD
 from utils.errors import UserError
 from utils.run.loaders import make_loader
 from utils.stages import staged
-
-# The model outputs (fields of LevelScores) each map needs: the terms of the standardized maps
-# (§2.9, TERM_FIELDS), -logp and the abnormal probability for the authors' maps (§2.8).
-FUSED_KINDS = ("fused", "normality", "abnormality")
-Statistics = Union[MapStatistics, List[LevelMoments]]
-
-
-def needed_fields(kind: str) -> Tuple[str, ...]:
-    """The :class:`LevelScores` fields the map ``kind`` (a single map of §2.9) is built from."""
-    if kind in STANDARDIZED_TERMS:
-        return tuple(dict.fromkeys(TERM_FIELDS[term] for term in STANDARDIZED_TERMS[kind]))
-    if kind in FUSED_KINDS:
-        return ("logps", "abnormal_probs")
-    raise ValueError(f"unknown map kind {kind!r}")
-
-
-def build_maps(outputs: LevelScores, kind: str, statistics: Optional[Statistics], size: int,
-               sigma: float) -> torch.Tensor:
-    """(N, size, size) maps ``kind`` of the N images of ``outputs``, standardized or normalised with the
-    ``statistics`` of the set they belong to (:func:`set_statistics`; None: these images are the set)."""
-    if kind in STANDARDIZED_TERMS:
-        return standardized_maps(standardized_terms(outputs, kind), size=size, sigma=sigma, statistics=statistics)
-    return anomaly_maps(outputs.logps, outputs.abnormal_probs, size=size, sigma=sigma, statistics=statistics,
-                        kind=kind)
-
-
-def set_statistics(chunks: Callable[[], Iterable[LevelScores]], kind: str, size: int) -> Statistics:
-    """The statistics of a set given in chunks (``chunks()`` yields them afresh on every call) that
-    :func:`build_maps` needs: per term the positions' mean and std (standardized maps), else the
-    per-level maximum logp and the maximum normality (:class:`MapStatistics`)."""
-    if kind in STANDARDIZED_TERMS:
-        return [level_moments(standardized_terms(chunk, kind)[term] for chunk in chunks())
-                for term in range(len(STANDARDIZED_TERMS[kind]))]
-    level_max = None
-    for chunk in chunks():
-        found = [float(lp.max()) for lp in chunk.logps]
-        level_max = found if level_max is None else [max(a, b) for a, b in zip(level_max, found)]
-    return map_statistics((chunk.logps for chunk in chunks()), size, level_max)
 
 
 class OutputStore:
@@ -159,40 +117,10 @@ def score_images(model: ResAD, extractor: FeatureExtractor, bank: ReferenceBank,
         images = batch["image"] if len(good) == len(batch["error"]) else batch["image"][good]
         features = extractor(images.to(device, non_blocking=True))
         indices = start + np.asarray(good)
-        store.put(indices, model.forward_shots(features, bank, [k], nearest="nearest" in store.fields)[k])
+        levels = list(range(len(features))) if "nearest" in store.fields else None
+        store.put(indices, model.forward_shots(features, bank, [k], nearest_levels=levels)[k])
         read[indices] = True
     return read
-
-
-def reference_features(bank: ReferenceBank, feature_sizes: Sequence[Tuple[int, int]], shot: int) -> List[torch.Tensor]:
-    """Per level the (1, C, H, W) features of the reference ``shot`` of ``bank`` (image-major rows, §2.3)."""
-    return [unflatten_positions(level[shot * h * w:(shot + 1) * h * w], 1, h, w)
-            for level, (h, w) in zip(bank.levels, feature_sizes)]
-
-
-@torch.inference_mode()
-def leave_one_out_outputs(model: ResAD, bank: ReferenceBank, feature_sizes: Sequence[Tuple[int, int]],
-                          flag: str = "--ref_images", nearest: bool = False) -> LevelScores:
-    """The outputs of each of the k references scored against a bank of the other k-1 (§11); ``nearest``:
-    with the distances to the nearest reference (:meth:`ResAD.forward_shots`)."""
-    k = bank.num_shots
-    if k < 2:
-        raise UserError(f"{flag}: one reference image cannot score itself against the others; give at least "
-                        "two references, or a fixed image threshold with --threshold X")
-    model.eval()
-    parts = []
-    for shot in range(k):
-        others = bank.select_shots([j for j in range(k) if j != shot])
-        features = reference_features(bank, feature_sizes, shot)
-        parts.append(model.forward_shots(features, others, [k - 1], nearest=nearest)[k - 1])
-    return LevelScores(*([torch.cat([getattr(p, name)[level] for p in parts]) for level in range(len(feature_sizes))]
-                         if getattr(parts[0], name) else [] for name in LevelScores._fields))
-
-
-def reference_threshold(scores: np.ndarray, quantile: Optional[float]) -> float:
-    """The maximum of the references' leave-one-out scores, or their ``quantile`` (linear interpolation)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return float(scores.max() if quantile is None else np.quantile(scores, quantile))
 
 
 def input_image(image: torch.Tensor, extractor: FeatureExtractor) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 
 from datasets import AnomalyDataset
 from datasets.anomaly_source import SyntheticAnomalyDataset
+from models.anomaly_map import KNN_LABELS
 from models.extractor import FeatureExtractor
 from models.resad import ResAD
 from utils.atomic import remove_stale_temporaries
@@ -119,8 +120,8 @@ class TrainingRun:
             self.histories[k].add_evaluation(done, table, time.time() - started)
             print(summary_line(f"{out.name} epoch {done}", table))
             knn_table = write_knn_beside(out, done, results[k])
-            if knn_table is not None:
-                print(summary_line(f"{out.name} kNN baseline", knn_table))
+            for name, part in (knn_table.groupby("Map", sort=False) if knn_table is not None else ()):
+                print(summary_line(f"{out.name} {KNN_LABELS[name]}", part))
             if self._improves(k, float(mean_row(table)[cfg.training.best_metric]), done):
                 improved.append(k)
         if improved:
