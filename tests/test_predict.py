@@ -16,7 +16,7 @@ from models.anomaly_map import anomaly_maps, map_statistics
 from models.extractor import OFFLINE_BACKBONE, build_extractor
 from models.matching import ReferenceBank
 from tests.run_helpers import fit, make_args
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 from utils.formats import checkpoint, reference_features
 from utils.formats.predictions import SCORE_COLUMNS, read_scores
 from utils.run.config import EvalConfig, PredictConfig
@@ -250,3 +250,131 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_earlier_results(trained, tmp
         assert "none of the 2 images could be read" in capsys.readouterr().err and not fresh.exists()
     assert_one_line_error(run_script(*common, "--ref_images", trained.ref_images, "--images", "-", trained.images),
                           "--images -: reads image paths from standard input alone")
+
+
+# --------------------------------------------------------------------------- one image at a time
+
+MTD = os.path.join(REPO, "..", "shared", "data", "real", "mtd", "magnetic_tile")
+needs_mtd = pytest.mark.skipif(not os.path.isdir(MTD), reason="../shared/data/real/mtd not present")
+
+
+@needs_mtd
+@pytest.mark.parametrize("preset", ["authors", "recommended"])
+def test_a_part_gets_the_same_score_and_label_whatever_is_scored_with_it(trained, preset):
+    """Real Magnetic Tile Defects images, k = 1, 2, 4, 8 of its references: each image scored alone, with the
+    others, with only the normal ones and with only the defective ones gets one score (rel 1e-5) and one label."""
+    from utils.run.predictor import Inferencer
+
+    normal = sorted(os.listdir(os.path.join(MTD, "test", "good")))[:3]
+    defective = sorted(os.listdir(os.path.join(MTD, "test", "crack")))[:3]
+    images = ([os.path.join(MTD, "test", "good", f) for f in normal]
+              + [os.path.join(MTD, "test", "crack", f) for f in defective])
+    for k in (1, 2, 4, 8):
+        inferencer = Inferencer(trained.ckpt, ref_images=os.path.join(MTD, "train", "good"), num_ref_shot=k,
+                                preset=preset, extractor=trained.extractor, device="cpu")
+        together = inferencer.predict_batch(images)
+        groups = [[inferencer.predict(image) for image in images],
+                  inferencer.predict_batch(images[:3]) + inferencer.predict_batch(images[3:])]
+        for group in groups:
+            assert np.allclose([p.score for p in group], [p.score for p in together], rtol=1e-5, atol=0)
+            assert [p.label for p in group] == [p.label for p in together]
+        assert inferencer.scorer.calibration.rule == ("self_excluded" if k == 1 else "leave_one_out")
+        assert np.isfinite(inferencer.threshold)
+
+
+def test_inferencer_scores_a_path_a_pil_image_and_a_tensor_alike(trained, tmp_path):
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from utils.run.predictor import Inferencer
+
+    inferencer = Inferencer(trained.ckpt, ref_features=os.path.join(trained.refs, CLASS), preset="recommended",
+                            extractor=trained.extractor, device="cpu", calibration_dir=str(tmp_path))
+    path = os.path.join(trained.images, "good", "000.png")
+    picture = Image.open(path)
+    results = [inferencer.predict(path), inferencer.predict(picture), inferencer.predict(to_tensor(picture.convert("RGB")))]
+    assert len({round(r.score, 6) for r in results}) == 1 and results[0].map.shape == (224, 224)
+    assert results[0].label == ("anomalous" if results[0].score > inferencer.threshold else "normal")
+    assert results[0].score == pytest.approx(float(np.sort(results[0].map.ravel())[-501:].mean()), rel=1e-4)
+    assert [p.name for p in tmp_path.iterdir()] == [inferencer.scorer.calibration_record["path"].split(os.sep)[-1]]
+    again = Inferencer(trained.ckpt, ref_features=os.path.join(trained.refs, CLASS), preset="recommended",
+                       extractor=trained.extractor, device="cpu", calibration_dir=str(tmp_path))
+    assert not again.scorer.calibration_record["computed"] and again.predict(path).score == results[0].score
+    with pytest.raises(ValueError, match="3, H, W"):
+        inferencer.predict(torch.zeros(1, 8, 8))
+
+
+def test_output_names_never_collide():
+    from utils.formats.predictions import output_names
+
+    found = [("d1/x.png", "d1"), ("d2/x.png", "d2"), ("d1/x_png_2.png", "d1"), ("d1/y.png", "d1"),
+             ("d1/y.jpg", "d1"), ("d2/y_png.bmp", "d2")]
+    names = output_names(found)
+    assert len(set(names)) == len(names) == 6
+    assert names[:2] == ["x_png", "x_png_2"] and names[2] == "x_png_2_2" and names[3:5] == ["y_png", "y_jpg"]
+
+
+def test_out_may_contain_the_images_and_references_among_them_are_not_scored(trained, tmp_path, capsys):
+    """--out . over a folder of images (the images are scored, our own heat-maps are not), and the reference
+    images under --images are left out with a note."""
+    work = tmp_path / "work"
+    shutil.copytree(trained.images, work / "parts")
+    shutil.copytree(trained.ref_images, work / "parts" / "refs")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        record = predict(config(trained, ".", images=("parts",), ref_features=None,
+                                ref_images=os.path.join("parts", "refs"), num_ref_shot=4), extractor=trained.extractor)
+        assert "4 of the images are the references themselves" in capsys.readouterr().out
+        table = read_scores("scores.csv")
+        used = {os.path.join("parts", "refs", f) for f in sorted(os.listdir(trained.ref_images))[:4]}
+        assert len(table) == 7 and not used & set(table["image"]) and record["images"]["count"] == 7  # 2 refs unused
+        assert len([f for _, _, files in os.walk("heatmaps") for f in files]) == 7
+        again = predict(config(trained, ".", images=("parts",), ref_features=None,
+                               ref_images=os.path.join("parts", "refs"), num_ref_shot=4), extractor=trained.extractor)
+        with pytest.raises(UserError, match="heat-maps of --out left out"):
+            predict(config(trained, ".", images=("heatmaps",)), extractor=trained.extractor)
+    finally:
+        os.chdir(cwd)
+    assert again["images"]["earlier"] == 7
+
+
+def test_an_interrupted_run_is_continued_and_another_run_is_refused(trained, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    predict(config(trained, whole, heatmaps=False), extractor=trained.extractor)
+    expected = read_scores(str(whole / "scores.csv"))
+    predict(config(trained, cut, heatmaps=False), extractor=trained.extractor)
+    lines = (cut / "scores.csv").read_text().splitlines(keepends=True)
+    (cut / "scores.csv").write_text("".join(lines[:3]) + lines[3][:10])   # killed while writing row 3
+    record = predict(config(trained, cut, heatmaps=False), extractor=trained.extractor)
+    assert record["images"]["earlier"] == 2 and record["images"]["count"] == 5
+    table = read_scores(str(cut / "scores.csv"))
+    assert sorted(table["image"]) == sorted(expected["image"])
+    assert np.allclose(table.set_index("image").loc[expected["image"], "score"], expected["score"], rtol=1e-6)
+    with pytest.raises(UserError, match="holds the scores.csv of another run \\(other threshold\\)"):
+        predict(config(trained, cut, heatmaps=False, threshold=0.5), extractor=trained.extractor)
+
+
+def test_images_on_standard_input_are_scored_as_they_come(trained, tmp_path):
+    folder = tmp_path / "folder"
+    predict(config(trained, folder, heatmaps=False), extractor=trained.extractor)
+    expected = read_scores(str(folder / "scores.csv"))
+    out = tmp_path / "stream"
+    paths = "\n".join(expected["image"]) + "\n"
+    proc = subprocess.run([sys.executable, "predict.py", "--checkpoint", trained.ckpt, "--ref_features",
+                           os.path.join(trained.refs, CLASS), "--images", "-", "--out", str(out), "--device", "cpu",
+                           "--num_workers", "0", "--batch_size", "2"], cwd=REPO, input=paths, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    table = read_scores(str(out / "scores.csv"))
+    assert table["image"].tolist() == expected["image"].tolist()
+    assert np.allclose(table["score"], expected["score"], rtol=1e-5) and (table["label"] == expected["label"]).all()
+    assert len(list((out / "heatmaps").iterdir())) == 5
+
+
+def test_stdin_paths_come_in_batches_of_at_most_the_batch_size():
+    import io
+
+    from utils.run.predict_run import stdin_paths
+
+    assert list(stdin_paths(io.StringIO("a\n\nb\nc\n d \ne\n"), 2)) == [["a", "b"], ["c", "d"], ["e"]]

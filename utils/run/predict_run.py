@@ -14,7 +14,9 @@ scores the images:
 """
 from __future__ import annotations
 
+import io
 import os
+import select
 import shutil
 import sys
 import time
@@ -288,18 +290,24 @@ def _pending_batches(inputs: PredictionInputs, done: set) -> Iterator[Tuple[List
 def stdin_paths(stream, batch_size: int) -> Iterator[List[str]]:
     """Batches of the non-empty lines of ``stream``: at most ``batch_size``, and a smaller one as soon as no
     further line is waiting, so that an image is scored when it arrives rather than when a batch is full."""
-    import select
-
     batch: List[str] = []
     for line in stream:
         if line.strip():
             batch.append(line.strip())
-        waiting = bool(select.select([stream], [], [], 0)[0]) if hasattr(stream, "fileno") else True
+        waiting = _line_waiting(stream)
         if len(batch) >= batch_size or (batch and not waiting):
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def _line_waiting(stream) -> bool:
+    """Whether more input is ready on ``stream`` now (True for a stream with no file descriptor: a string)."""
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return True
 
 
 def _score_batch(inputs: PredictionInputs, paths: List[str], names: List[str], batch: dict, threshold: float,
