@@ -3,13 +3,37 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Tuple
 
+import pandas as pd
 import torch
 
 from datasets import DEMO_SEEN, Sample, generate_demo_dataset, list_fewshot_images
 from models.extractor import CNNExtractor, FeatureExtractor, set_amp, set_resize
 from utils.cli.adapters import backbone_config
+from utils.formats.run_outputs import MAP_COLUMN, RunOutputs, class_rows
+
+# The metric columns of the transfer benchmarks' tables (CSV name -> metrics-table column).
+TABLE_COLUMNS = {"image_auroc": "Image AUC", "pixel_auroc": "Pixel AUC", "pixel_ap": "Pixel AP",
+                 "aupro": "Pixel AUPRO"}
+
+
+def mean_rows(tables_dir: str, runs: Mapping[int, str], epoch: int, normalization: str) -> pd.DataFrame:
+    """One row per (map, k) of a run's evaluation (``runs``: k -> run name under ``tables_dir``): the Mean rows
+    of its maps CSV (resad, the single maps, knn and knn_normalized), and of the baseline's own table when it
+    was evaluated beside a checkpoint (``--baseline knn``)."""
+    rows = []
+    for k, name in runs.items():
+        out = RunOutputs(os.path.join(tables_dir, name), name)
+        table = pd.read_csv(out.maps_csv(epoch)) if os.path.isfile(out.maps_csv(epoch)) else \
+            pd.DataFrame(columns=[MAP_COLUMN])
+        if "knn" not in set(table[MAP_COLUMN]) and os.path.isfile(out.knn_only_csv()):
+            table = pd.concat([table, pd.read_csv(out.knn_only_csv())], ignore_index=True)
+        for method, part in table.groupby(MAP_COLUMN, sort=False):
+            mean = part.drop(class_rows(part).index).iloc[-1]
+            rows.append({"method": method, "normalization": normalization, "shots": k,
+                         **{c: float(mean[m]) for c, m in TABLE_COLUMNS.items()}})
+    return pd.DataFrame(rows, columns=["method", "normalization", "shots", *TABLE_COLUMNS])
 
 
 def build_benchmark_extractor(args: argparse.Namespace, device: torch.device) -> FeatureExtractor:

@@ -5,6 +5,7 @@
                                                            #   results compared
     python benchmarks/eval_speed.py --shots 2 4 6 8        # + the sweep's time over a 4-shot-only evaluation
     python benchmarks/eval_speed.py --knn_only             # the kNN baseline alone, over ResAD's evaluation
+    python benchmarks/eval_speed.py --compare_presets      # the recommended preset's evaluation over the authors'
     python benchmarks/eval_speed.py --backbone wide_resnet50_2 --random_weights --device cuda --images 1000
 
 The evaluation is the real code path (``utils.run.evaluation.evaluate``): image loading,
@@ -18,6 +19,9 @@ the same run), images/s of both, their ratio and the peak memory.  ``--knn_only`
 training-free baseline alone (``utils.run.knn.knn_metrics``, the path of ``--baseline knn``:
 loading, backbone, nearest-neighbour search, maps, metrics) per stage, prints its peak memory
 (before anything else runs), then ResAD's evaluation of the same images and the ratio of the two.
+``--compare_presets`` times the evaluation of the same images under each preset (its map, image score and
+normalisation; per-map metrics off), each after a one-batch warm-up, twice in alternation, and prints
+the ratio of the recommended preset's time to the authors'.
 """
 from __future__ import annotations
 
@@ -63,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--knn_only", action="store_true",
                         help="time the kNN baseline alone (the path of --baseline knn), its peak memory, and its "
                              "time over ResAD's evaluation of the same images")
+    parser.add_argument("--compare_presets", action="store_true",
+                        help="time the evaluation under each preset (per-map metrics off) and print their ratio")
     add_training_arguments(parser)
     parser.set_defaults(backbone=OFFLINE_BACKBONE, num_workers=min(4, os.cpu_count() or 1))
     return parser.parse_args(argv)
@@ -101,15 +107,18 @@ def main(argv=None) -> None:
           f"{n_images} test images of {len(classes)} classes, {shots}-shot banks, batch {args.eval_batch_size}, "
           f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, load {load_average()}")
 
-    def run(shot_list, sets=test_sets, scorer=model):
+    def run(shot_list, sets=test_sets, scorer=model, evaluation=config.evaluation):
         sync()
         start = time.perf_counter()
-        results = evaluate(scorer, extractor, sets, banks, replace(config.evaluation, shots=tuple(shot_list)), device,
+        results = evaluate(scorer, extractor, sets, banks, replace(evaluation, shots=tuple(shot_list)), device,
                            args.num_workers, args.seed)
         sync()
         return time.perf_counter() - start, results
 
     one_batch = {classes[0]: test_sets[classes[0]][: args.eval_batch_size]}
+    if args.compare_presets:
+        compare_presets(run, config, shots, one_batch, n_images)
+        return
     if args.knn_only:
         knn_versus_resad(run, extractor, test_sets, banks, config.evaluation, args, device, shots, one_batch)
         return
@@ -175,6 +184,24 @@ def knn_versus_resad(run, extractor, test_sets, banks, config, args, device, sho
     print(f"peak memory (RSS)  : {peak_memory_gib():8.2f} GiB (both)"
           + (f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
     print(f"load average after : {load_average()}")
+
+
+def compare_presets(run, config, shots, one_batch, n_images) -> None:
+    """``--compare_presets``: each preset's evaluation of the same images, per-map metrics off, warmed up
+    on one batch and timed twice in alternation (the machine's load drifts); the best time of each."""
+    from utils.cli.presets import PRESETS
+
+    settings = {name: replace(config.evaluation, map_metrics=False, **values) for name, values in PRESETS.items()}
+    best = {}
+    for _ in range(2):
+        for name, evaluation in settings.items():
+            run(shots, sets=one_batch, evaluation=evaluation)
+            seconds, _ = run(shots, evaluation=evaluation)
+            best[name] = min(best.get(name, float("inf")), seconds)
+    for name, seconds in best.items():
+        values = " ".join(f"--{k} {v}" for k, v in PRESETS[name].items()) or "the authors' defaults"
+        print(f"preset {name:<12}: {n_images / seconds:8.2f} images/s ({seconds:.1f} s; {values})")
+    print(f"ratio recommended/authors: {best['recommended'] / best['authors']:.2f}x; load {load_average()}")
 
 
 def compare_previous(run, model, profile, rate, scale, shots, classes, device) -> None:

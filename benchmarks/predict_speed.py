@@ -1,11 +1,14 @@
-"""Images per second of predict.py against the evaluation, on the same images and references.
+"""Images per second of predict.py, of one image at a time, and of the evaluation, on the same images and references.
 
-    python benchmarks/predict_speed.py                     # 240 demo test images of one class, 4 references
+    python benchmarks/predict_speed.py                     # 100 demo test images of one class, 4 references
     python benchmarks/predict_speed.py --images 2000 --runs predict_no_heatmaps   # memory with many images
 
-Each run is the real code path: :func:`utils.run.predict_run.predict` (with its heat-maps, and with
-``--no_heatmaps``) and :func:`utils.run.evaluation.evaluate` (all metrics with the exact AUPRO and the
-single maps, no heat-maps), the offline backbone built once for all of them.  The model is randomly
+Each run is the real code path: :func:`utils.run.predict_run.predict` (one run over all the images:
+with its heat-maps, with ``--no_heatmaps``, and ``--no_heatmaps --normalization set``, the three passes),
+``stream`` (:class:`utils.run.predictor.Inferencer`, loaded once, then each image scored alone as a line
+that sees one part at a time would: read, pre-processed, scored; the loading is not timed) and
+:func:`utils.run.evaluation.evaluate` (all metrics with the exact AUPRO and the single maps, no
+heat-maps), the offline backbone built once for all of them.  The model is randomly
 initialised with the default options (speed does not depend on training) and saved as a checkpoint
 in a temporary folder, where predict also writes.  The images are the test images of one demo class,
 repeated (as symbolic links) to ``--images``.  Prints images/s of each run, the ratios, and the peak
@@ -32,16 +35,17 @@ from utils.cli.options import Parser, at_least  # noqa: E402
 from utils.formats import checkpoint  # noqa: E402
 from utils.run.config import EvalConfig, PredictConfig  # noqa: E402
 from utils.run.evaluation import evaluate  # noqa: E402
-from utils.run.predict_run import encode_references, predict  # noqa: E402
+from utils.run.predict_run import predict  # noqa: E402
+from utils.run.predictor import Inferencer, encode_references  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
-RUNS = ("predict", "predict_no_heatmaps", "evaluation")
+RUNS = ("predict", "predict_no_heatmaps", "predict_set", "stream", "evaluation")
 
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__)
-    parser.add_argument("--images", type=at_least(1), default=240, help="test images (one class's, repeated)")
+    parser.add_argument("--images", type=at_least(1), default=100, help="test images (one class's, repeated)")
     parser.add_argument("--class_name", default=DEMO_UNSEEN[-1], choices=list(DEMO_UNSEEN))
     parser.add_argument("--num_ref_shot", type=at_least(2), default=4)
     parser.add_argument("--batch_size", type=at_least(1), default=32)
@@ -91,10 +95,13 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             if run == "evaluation":
                 evaluate_once(path, extractor, samples, ref_files, args, device)
+            elif run == "stream":
+                started = score_one_by_one(path, refs, samples, extractor, device)
             else:
                 predict(PredictConfig(checkpoint=path, images=(os.path.join(work, "images"),),
                                       out=os.path.join(work, run), ref_images=refs, batch_size=args.batch_size,
-                                      heatmaps=run == "predict", device=str(device), num_workers=args.num_workers),
+                                      heatmaps=run == "predict", device=str(device), num_workers=args.num_workers,
+                                      normalization="set" if run == "predict_set" else "references"),
                         extractor=extractor)
             seconds[run] = time.perf_counter() - started
             print(f"{run:20s}: {len(samples) / seconds[run]:7.2f} images/s ({seconds[run]:.1f} s), "
@@ -102,6 +109,19 @@ def main(argv=None) -> None:
     if "evaluation" in seconds:
         for run in (r for r in seconds if r != "evaluation"):
             print(f"{run} takes {seconds[run] / seconds['evaluation']:.2f}x the evaluation's time")
+    if "stream" in seconds and "predict_no_heatmaps" in seconds:
+        print(f"one image at a time: {seconds['predict_no_heatmaps'] / seconds['stream']:.2f}x the images/s of one "
+              f"predict.py run over the {len(samples)} images (--no_heatmaps)")
+
+
+def score_one_by_one(path: str, refs: str, samples, extractor, device) -> float:
+    """Load an Inferencer (not timed), then score each image alone; returns when the timing started."""
+    inferencer = Inferencer(path, ref_images=refs, extractor=extractor, device=str(device))
+    inferencer.predict(samples[0].image)   # warm-up, as the first image of a line
+    started = time.perf_counter()
+    for sample in samples:
+        inferencer.predict(sample.image)
+    return started
 
 
 def evaluate_once(path: str, extractor, samples, ref_files, args, device) -> None:

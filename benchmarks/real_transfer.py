@@ -24,9 +24,13 @@ import time
 
 import pandas as pd
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
+from benchmarks_common import mean_rows  # noqa: E402
+from models.calibration import NORMALIZATIONS  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE, build_extractor, set_resize  # noqa: E402
 from utils.atomic import save_csv  # noqa: E402
 from utils.cli.adapters import run_config, shot_names  # noqa: E402
@@ -34,16 +38,14 @@ from utils.cli.options import Parser, add_resize_argument, add_training_argument
 from utils.cli.presets import PRESETS, parse_with_presets, preset_line  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.formats import checkpoint  # noqa: E402
-from utils.formats.run_outputs import RunOutputs, class_rows  # noqa: E402
+from utils.formats.run_outputs import RunOutputs  # noqa: E402
 from utils.run.eval_run import evaluate_checkpoint  # noqa: E402
 from utils.run.extraction import extract_reference_features  # noqa: E402
 from utils.run.knn import evaluate_baseline  # noqa: E402
 from utils.run.train_run import train  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
-from models.calibration import NORMALIZATIONS  # noqa: E402
 
 SHARED = os.path.join(REPO, "..", "shared", "data")
-COLUMNS = {"Image AUC": "image_auroc", "Pixel AUC": "pixel_auroc", "Pixel AP": "pixel_ap", "Pixel AUPRO": "aupro"}
 RUN = "real_transfer"
 
 
@@ -87,23 +89,6 @@ def training_argv(args, refs: str, normalization: str, checkpoint_file=None) -> 
     return argv + (["--train_exclude_self"] if args.train_exclude_self else [])
 
 
-def result_rows(tables_dir: str, shots, epoch: int, normalization: str) -> pd.DataFrame:
-    """One row per (method, k): the Mean rows of each k's maps CSV (resad, the single maps, knn and
-    knn_normalized), and those of the baseline's own table when it was evaluated beside a checkpoint."""
-    rows = []
-    for k in shots:
-        name = f"{RUN}_{k}shot"
-        out = RunOutputs(os.path.join(tables_dir, name), name)
-        table = pd.read_csv(out.maps_csv(epoch))
-        if "knn" not in set(table["Map"]) and os.path.isfile(out.knn_only_csv()):  # --checkpoint: run beside
-            table = pd.concat([table, pd.read_csv(out.knn_only_csv())], ignore_index=True)
-        for method, part in table.groupby("Map", sort=False):
-            mean = part.drop(class_rows(part).index).iloc[-1]
-            rows.append({"method": method, "normalization": normalization, "shots": k,
-                         **{c: float(mean[m]) for m, c in COLUMNS.items()}})
-    return pd.DataFrame(rows, columns=["method", "normalization", "shots", *COLUMNS.values()])
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     tune_cpu_allocator()
@@ -124,7 +109,7 @@ def main(argv=None) -> None:
             trained = RunOutputs(os.path.join(config.checkpoint_path, f"{RUN}_{args.shots[0]}shot"),
                                  f"{RUN}_{args.shots[0]}shot").latest_checkpoint()
         epoch = int(checkpoint.load(trained, "--checkpoint").get("epoch", 0))
-        tables.append(result_rows(config.checkpoint_path, args.shots, epoch, normalization))
+        tables.append(mean_rows(config.checkpoint_path, config.run_names, epoch, normalization))
     table = pd.concat(tables, ignore_index=True)
     wall, peak = time.time() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"\nreal transfer: mvtec few-shot normals (synthetic stage 2, {args.epochs} epochs) -> "

@@ -2,6 +2,7 @@ r"""Train from normal images alone and transfer: synthetic anomalies on MVTec fe
 
     python benchmarks/synthetic_transfer.py              # offline backbone, CPU: test set, training, evaluation
     python benchmarks/synthetic_transfer.py --knn_only   # the training-free baseline alone
+    python benchmarks/synthetic_transfer.py --checkpoint benchmarks/out/synthetic_transfer/runs/synthetic_transfer/synthetic_transfer_latest.pth
 
 Training: the 8 normal images of each of the 15 MVTec AD classes in
 ``../shared/data/fewshot/mvtec`` (no test split), stage-2 anomalies drawn on the fly
@@ -10,8 +11,10 @@ from the defect families of ``--train_defects``. Test: the 12 VisA classes of
 same 8 images, each slightly moved, rotated, rescaled and re-lit (so none equals a
 reference), once as it is and once with a synthetic defect of a family that training
 did NOT use (``--test_defect``, default ``local_corruption``), written as a ``folder``
-dataset. Prints image / pixel AUROC and AUPRO of ResAD and of the training-free kNN
-baseline on the same references and images, and the wall time.
+dataset. Prints image AUROC, pixel AUROC, pixel AP and AUPRO of ResAD and of the training-free kNN
+baseline (raw, ``knn``, and under ResAD's rule, ``knn_normalized``) on the same references and images,
+under each ``--normalization`` (the first during training, the others re-scoring the checkpoint), and
+the wall time; ``--out FILE`` writes every single map's row as CSV.
 """
 from __future__ import annotations
 
@@ -25,23 +28,31 @@ import pandas as pd
 from PIL import Image
 from skimage import transform
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
+from benchmarks_common import mean_rows  # noqa: E402
 from datasets import dataset_classes, list_fewshot_images  # noqa: E402
 from datasets.defects import DEFECT_FAMILIES, synthesize_anomaly  # noqa: E402
 from datasets.image_io import read_image  # noqa: E402
+from models.calibration import NORMALIZATIONS  # noqa: E402
 from models.extractor import OFFLINE_BACKBONE, build_extractor  # noqa: E402
+from utils.atomic import save_csv  # noqa: E402
 from utils.cli.adapters import run_config  # noqa: E402
 from utils.cli.options import Parser, add_training_arguments  # noqa: E402
 from utils.cli.presets import PRESETS, parse_with_presets, preset_line  # noqa: E402
-from utils.formats.run_outputs import RunOutputs, mean_row  # noqa: E402
+from utils.formats import checkpoint  # noqa: E402
+from utils.formats.run_outputs import RunOutputs  # noqa: E402
+from utils.run.eval_run import evaluate_checkpoint  # noqa: E402
 from utils.run.extraction import extract_reference_features  # noqa: E402
 from utils.run.knn import evaluate_baseline  # noqa: E402
 from utils.run.train_run import train  # noqa: E402
 from utils.runtime import resolve_device, tune_cpu_allocator  # noqa: E402
 
 SIZE = 224
+RUN = "synthetic_transfer"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=list(PRESETS), default="recommended",
                         help="the recipe of the run (README, Recommended preset)")
     parser.add_argument("--knn_only", action="store_true", help="evaluate only the kNN baseline (no training)")
+    parser.add_argument("--normalization", nargs="+", choices=list(NORMALIZATIONS), default=list(NORMALIZATIONS),
+                        help="evaluate under each of these normalisations of the maps (the first one during "
+                             "training; the others re-score the trained checkpoint)")
+    parser.add_argument("--checkpoint", default=None, help="evaluate this trained model instead of training")
+    parser.add_argument("--out", default=None, help="also write the table (every map, both normalisations) as CSV")
     return parser.parse_args(argv)
 
 
@@ -121,35 +137,50 @@ def main(argv=None) -> None:
     extractor = build_extractor(OFFLINE_BACKBONE, device=device)
     refs = os.path.join(args.work_dir, f"refs_{args.shots}shot")
     extract_reference_features("folder", target_shots, refs, extractor, shots=args.shots)
-    train_args = parse_with_presets(add_training_arguments(Parser()), [
-        "--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", source,
-        "--target_dataset", "folder", "--test_dataset_dir", target, "--test_ref_feature_dir", refs,
-        "--anomaly_source", "synthetic", "--synthetic_defects", *args.train_defects,
-        "--num_ref_shot", str(args.shots), "--backbone", OFFLINE_BACKBONE, "--epochs", str(args.epochs),
-        "--stage1_epochs", str(args.stage1_epochs), "--lr", str(args.lr), "--batch_size", "16",
-        "--eval_batch_size", "16", "--train_ref_shot", "4", "--train_ref_pool", "8", "--eval_freq", str(args.epochs),
-        "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device, "--seed", str(args.seed),
-        "--checkpoint_path", os.path.join(args.work_dir, "runs"), "--preset", args.preset]
-        + (["--train_exclude_self"] if args.train_exclude_self else []), demo=False)
-    print(preset_line(train_args.preset))
-    run = "synthetic_transfer"
-    config = run_config(train_args, [args.shots], {args.shots: run})
-    if args.knn_only:
-        knn = evaluate_baseline(config, extractor=extractor)[args.shots]
-        mean = mean_row(knn)
-        print(f"kNN baseline: image AUROC {mean['Image AUC']:.4f} | pixel AUROC {mean['Pixel AUC']:.4f} | "
-              f"AUPRO {mean['Pixel AUPRO']:.4f}; wall time {time.time() - started:.0f} s")
-        return
-    resad = train(config, extractor=extractor)[args.shots]
-    knn = pd.read_csv(RunOutputs(os.path.join(args.work_dir, "runs", run), run).baseline_csv(args.epochs))
-    wall = time.time() - started
+    trained, tables = args.checkpoint, []
+    for normalization in args.normalization:
+        config = _config(args, source, target, refs, normalization, trained)
+        if args.knn_only:
+            evaluate_baseline(config, extractor=extractor)
+        elif trained:
+            evaluate_checkpoint(config, trained, extractor=extractor)
+            evaluate_baseline(config, extractor=extractor)  # the baseline beside it, as a training run does
+        else:
+            train(config, extractor=extractor)
+            trained = RunOutputs(os.path.join(config.checkpoint_path, RUN), RUN).latest_checkpoint()
+        epoch = int(checkpoint.load(trained, "--checkpoint").get("epoch", 0)) if trained else 0
+        tables.append(mean_rows(config.checkpoint_path, config.run_names, epoch, normalization))
+    table = pd.concat(tables, ignore_index=True)
     print(f"\nsynthetic transfer: mvtec few-shot (synthetic {', '.join(args.train_defects)}) -> visa few-shot "
-          f"(held-out {args.test_defect}), preset {args.preset}, {args.shots} references, {args.epochs} epochs, {OFFLINE_BACKBONE}, {device}")
-    print(f"{'method':<14}{'image AUROC':>12}{'pixel AUROC':>13}{'AUPRO':>8}")
-    for name, table in (("ResAD", resad), ("kNN baseline", knn)):
-        mean = mean_row(table)
-        print(f"{name:<14}{mean['Image AUC']:>12.4f}{mean['Pixel AUC']:>13.4f}{mean['Pixel AUPRO']:>8.4f}")
-    print(f"wall time {wall:.0f} s (test set, references, training, evaluation)")
+          f"(held-out {args.test_defect}), preset {args.preset}, {args.shots} references, {args.epochs} epochs, "
+          f"{OFFLINE_BACKBONE}, {device}")
+    shown = table[table["method"].isin(["resad", "knn", "knn_normalized"])]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wall time {time.time() - started:.0f} s (test set, references, training, evaluation)")
+    if args.out:
+        save_csv(args.out, table, float_format="%.4f")
+        print(f"written to {args.out} (every single map)")
+
+
+def _config(args, source: str, target: str, refs: str, normalization: str, checkpoint_file):
+    """The run's configuration under ``normalization`` (``checkpoint_file``: evaluate it; its own folder)."""
+    argv = ["--setting", "custom", "--source_dataset", "folder", "--train_dataset_dir", source,
+            "--target_dataset", "folder", "--test_dataset_dir", target, "--test_ref_feature_dir", refs,
+            "--anomaly_source", "synthetic", "--synthetic_defects", *args.train_defects,
+            "--num_ref_shot", str(args.shots), "--backbone", OFFLINE_BACKBONE, "--epochs", str(args.epochs),
+            "--stage1_epochs", str(args.stage1_epochs), "--lr", str(args.lr), "--batch_size", "16",
+            "--eval_batch_size", "16", "--train_ref_shot", "4", "--train_ref_pool", "8",
+            "--eval_freq", str(args.epochs), "--num_workers", "0", "--num_heatmaps", "0", "--device", args.device,
+            "--seed", str(args.seed), "--preset", args.preset, "--normalization", normalization,
+            "--checkpoint_path", os.path.join(args.work_dir, "runs" if not (checkpoint_file or args.knn_only)
+                                              else f"runs_{normalization}")]
+    if checkpoint_file:
+        argv += ["--eval_only", "--checkpoint", checkpoint_file]
+    elif args.train_exclude_self:
+        argv += ["--train_exclude_self"]
+    train_args = parse_with_presets(add_training_arguments(Parser()), argv, demo=False)
+    print(preset_line(train_args.preset))
+    return run_config(train_args, [args.shots], {args.shots: RUN})
 
 
 if __name__ == "__main__":

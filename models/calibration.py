@@ -104,11 +104,13 @@ def reference_nearest(bank: ReferenceBank, feature_sizes: Sequence[Tuple[int, in
             for level in range(len(feature_sizes))]
 
 
-def _self_excluded_match(feature: torch.Tensor, radius: int = SELF_EXCLUSION_RADIUS) -> Tuple[torch.Tensor, torch.Tensor]:
+def _self_excluded_match(feature: torch.Tensor, radius: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """For a (1, C, H, W) feature map, the (1, C, H, W) map of each position's most cosine-similar feature
     among the positions farther than ``radius`` cells from it, and the (1, H, W) Euclidean distance to the
     nearest such feature.  A brute-force product of the H*W positions with each other (one image: at most
-    a few thousand rows), which the tiled search of :class:`models.matching.Matcher` has no mask for."""
+    a few thousand rows), which the tiled search of :class:`models.matching.Matcher` has no mask for.
+    ``radius``: default :data:`SELF_EXCLUSION_RADIUS`."""
+    radius = SELF_EXCLUSION_RADIUS if radius is None else radius
     _, _, h, w = feature.shape
     rows = flatten_positions(feature).float()
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")

@@ -19,6 +19,7 @@ from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
 from models.resad import LevelScores, ResAD
+from utils import distributed
 from utils.metrics import METRIC_NAMES, compute_metrics
 from utils.report.failures import f1_max_threshold, failure_cases
 from utils.run.config import EvalConfig
@@ -84,6 +85,9 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
     the kNN baseline's metrics are computed once per (shots, class), on the first k shots.
     """
     model.eval()
+    if distributed.current().active:
+        return _evaluate_shared(model, extractor, test_sets, banks, config, device, num_workers, seed, num_heatmaps,
+                                knn_cache)
     results: Dict[int, Dict[str, ClassEvaluation]] = {k: {} for k in config.shots}
     for class_name, samples in test_sets.items():
         group_banks = reference_groups(banks[class_name], config.ref_groups, seed)
@@ -95,6 +99,98 @@ def evaluate(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, Lis
             results[k][class_name] = _class_result(scores, k, class_name, samples, extractor, config,
                                                    num_heatmaps, knn_cache, calibrations)
     return results
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A part of a class's test images (``start:stop``) scored by one rank."""
+    class_name: str
+    index: int
+    start: int
+    stop: int
+    rank: int
+
+
+def shard_plan(sizes: Dict[str, int], world_size: int, batch_size: int) -> List[Slice]:
+    """Spread the classes (``sizes``: images per class) over the ranks, largest first, each to the rank with
+    the least work so far; a class larger than a rank's share of all images is cut into slices of whole
+    batches (so every slice's batches are those of a one-process run)."""
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    share = ceil_div(sum(sizes.values()), world_size)
+    pieces = []
+    for class_name, n in sizes.items():
+        step = n if n <= share else ceil_div(ceil_div(n, ceil_div(n, share)), batch_size) * batch_size
+        pieces += [(class_name, i, start, min(n, start + step)) for i, start in enumerate(range(0, max(n, 1), step))]
+    load = [0] * world_size
+    plan = []
+    for class_name, i, start, stop in sorted(pieces, key=lambda p: -(p[3] - p[2])):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        load[rank] += stop - start
+        plan.append(Slice(class_name, i, start, stop, rank))
+    return sorted(plan, key=lambda u: (list(sizes).index(u.class_name), u.index))
+
+
+def _evaluate_shared(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[str, List[Sample]],
+                     banks: Dict[str, ReferenceBank], config: EvalConfig, device: torch.device, num_workers: int,
+                     seed: int, num_heatmaps: int, knn_cache: Optional[dict]) -> Dict[int, Dict[str, ClassEvaluation]]:
+    """:func:`evaluate` under torchrun: each rank scores its slices (:func:`shard_plan`), a class cut into
+    slices is put together on the rank of its first slice, which computes its maps and metrics exactly as
+    one process would, and every rank gets every result (and the kNN cache)."""
+    ranks = distributed.current()
+    plan = shard_plan({c: len(s) for c, s in test_sets.items()}, ranks.world_size, config.batch_size)
+    mine = {}
+    for part in (p for p in plan if p.rank == ranks.rank):
+        group_banks = reference_groups(banks[part.class_name], config.ref_groups, seed)
+        knn_shots = [k for k in config.shots if (k, part.class_name) not in knn_cache] if knn_cache is not None \
+            else None
+        mine[part] = _on_cpu(_score_class(model, extractor, part.class_name,
+                                          test_sets[part.class_name][part.start:part.stop], group_banks, config,
+                                          device, num_workers, knn_shots))
+    done = {}
+    for class_name, samples in test_sets.items():
+        parts = [p for p in plan if p.class_name == class_name]
+        owner = parts[0].rank
+        if len(parts) > 1:
+            found = distributed.gather_object([mine[p] for p in parts if p.rank == ranks.rank], dst=owner)
+            scores = _joined_slices([s for rank_parts in found for s in rank_parts]) if found else None
+        else:
+            scores = mine.get(parts[0])
+        if ranks.rank == owner:
+            group_banks = reference_groups(banks[class_name], config.ref_groups, seed)
+            done[class_name] = {k: _class_result(scores, k, class_name, samples, extractor, config, num_heatmaps,
+                                                 knn_cache, _calibrations(model, extractor, group_banks, k, config,
+                                                                          scores)) for k in config.shots}
+    everyone = {c: r for part in distributed.all_gather_object(done) for c, r in part.items()}
+    results = {k: {c: everyone[c][k] for c in test_sets} for k in config.shots}
+    if knn_cache is not None:
+        for k, per_class in results.items():
+            for c, ev in per_class.items():
+                if ev.knn is not None:
+                    knn_cache[(k, c)] = {"metrics": ev.knn, "scores": ev.knn_scores}
+    return results
+
+
+def _on_cpu(scores: ClassScores) -> ClassScores:
+    """``scores`` with every tensor on the CPU (to be sent to another rank)."""
+    maps = {key: LevelScores(*([[None if t is None else t.cpu() for t in level] for level in field_]
+                               for field_ in outputs)) for key, outputs in scores.maps.items()}
+    if scores.knn is not None:
+        scores.knn.levels = {k: [[m.cpu() for m in batch] for batch in batches] for k, batches in scores.knn.levels.items()}
+    return ClassScores(maps, scores.labels, scores.masks, scores.knn)
+
+
+def _joined_slices(parts: Sequence[ClassScores]) -> ClassScores:
+    """One class's :class:`ClassScores` from those of its slices, in image order."""
+    first = parts[0]
+    maps = {key: LevelScores(*([sum((p.maps[key][f][level] for p in parts), []) for level in range(len(first.maps[key][f]))]
+                               for f in range(len(LevelScores._fields))))
+            for key in first.maps}
+    knn = first.knn
+    if knn is not None:
+        knn.levels = {k: sum((p.knn.levels[k] for p in parts), []) for k in knn.levels}
+    return ClassScores(maps, np.concatenate([p.labels for p in parts]), np.concatenate([p.masks for p in parts]), knn)
 
 
 def _score_class(model: ResAD, extractor: FeatureExtractor, class_name: str, samples: Sequence[Sample],

@@ -35,7 +35,6 @@ from models.calibration import reference_outputs
 from models.extractor import FeatureExtractor
 from utils.atomic import atomic_path, check_writable, ensure_dir, save_json
 from utils.errors import UserError
-from utils.formats.calibration import bank_fingerprint, model_fingerprint
 from utils.formats.predictions import (OutputNames, PredictionOutputs, ScoresAppender, ScoresWriter, judge,
                                        output_names, scored_images)
 from utils.report import run_record
@@ -168,7 +167,8 @@ def _remove_tree(folder: str) -> None:
 def run_identity(inputs: PredictionInputs) -> dict:
     """What makes the rows of ``scores.csv`` comparable: a re-run continues them only when this is equal."""
     cfg, scorer = inputs.config, inputs.scorer
-    return {"model": model_fingerprint(scorer.state["model"]), "references": bank_fingerprint(scorer.bank),
+    made_from = scorer.calibration_record["identity"]   # the fingerprints, computed once
+    return {"model": made_from["model"], "references": made_from["references"],
             "anomaly_map": cfg.anomaly_map, "image_score": cfg.image_score, "normalization": cfg.normalization,
             "fdm_alpha": cfg.fdm_alpha, "smooth_sigma": cfg.smooth_sigma, "threshold": scorer.threshold}
 

@@ -20,11 +20,14 @@ from datasets.base import has_pixel_labels
 from datasets.resize import crop_losses
 from models.extractor import BackboneConfig, FeatureExtractor, set_amp, set_resize
 from models.matching import ReferenceBank
+from utils import distributed
 from utils.atomic import check_writable
 from utils.errors import UserError
 from utils.formats import checkpoint, reference_features
+from utils.formats.calibration import bank_fingerprint
 from utils.formats.run_outputs import RunOutputs
 from utils.report.history import check_tensorboard
+from utils.report.run_record import git_state
 from utils.run.config import RunConfig
 from utils.runtime import configure_device, resolve_device
 from utils.seed import seed_everything
@@ -58,7 +61,8 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
             checkpoint_path: Optional[str] = None) -> RunInputs:
     """Check the inputs of a ``mode`` run (:data:`TRAIN`, :data:`EVALUATE` with ``checkpoint_path``, or
     :data:`KNN`), then build the backbone (unless ``extractor`` is given) and read the reference banks."""
-    device = resolve_device(config.device)
+    ranks = distributed.init(config.device)
+    device = resolve_device(distributed.device_of(ranks, config.device))
     configure_device(device)
     seed_everything(config.seed)
     data = config.data
@@ -86,7 +90,17 @@ def prepare(config: RunConfig, mode: str, extractor: Optional[FeatureExtractor] 
     evaluation = config.evaluation
     banks = reference_features.load_banks(data.test_ref_feature_dir, setting.unseen_classes, extractor.describe(),
                                           evaluation.shots, evaluation.ref_groups > 1, device, evaluation.shots_flag)
+    if distributed.current().active:
+        distributed.check_same(_identity(config, test_sets, training, banks), "the run")
     return RunInputs(config, device, setting, outputs, test_sets, extractor, banks, training, state)
+
+
+def _identity(config: RunConfig, test_sets, training: Optional[TrainingData], banks) -> dict:
+    """What every rank of a torchrun job must agree on: the arguments, the code version, the data."""
+    return {"arguments": config.arguments, "code version": git_state().get("commit"),
+            "test images": {c: [s.image for s in samples] for c, samples in test_sets.items()},
+            "training images": {k: [s.image for s in v] for k, v in training.stage_samples.items()} if training else None,
+            "reference features": {c: bank_fingerprint(b) for c, b in banks.items()}}
 
 
 def _checkpoint_to_evaluate(path: Optional[str], setting: Setting, resize: str) -> dict:

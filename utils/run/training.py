@@ -23,6 +23,7 @@ from models.flow import grid_coordinates
 from models.losses import BoundaryAverager, flow_loss, normal_boundary, occ_loss
 from models.positions import flatten_positions
 from models.resad import ResAD
+from utils import distributed
 from utils.errors import UserError
 from utils.run.config import TrainConfig
 from utils.run.reference_pool import TrainReferencePool
@@ -48,9 +49,12 @@ class StepGuard:
     skipped: int = 0
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> Optional[float]:
-        """Back-propagate and step, unless the loss or a gradient is not finite; returns the loss or None."""
+        """Back-propagate and step, unless the loss or a gradient is not finite; returns the loss or None.
+        Under torchrun the ranks decide together (:meth:`_step_together`)."""
         value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
+        if distributed.current().active:
+            return self._step_together(value, loss, optimizer)
         if math.isfinite(value) and loss.requires_grad:
             loss.backward()
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -61,11 +65,36 @@ class StepGuard:
             optimizer.zero_grad(set_to_none=True)
         elif math.isfinite(value):  # nothing to learn from (e.g. no normal position for the VQ)
             return value
+        return self._skipped(value)
+
+    def _step_together(self, value: float, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> Optional[float]:
+        """All ranks step or skip together: a step when every rank's loss and gradients are finite and at
+        least one rank has a graph, with the gradients averaged over the ranks (a rank without a graph
+        contributes zeros; a parameter no rank has a gradient for is left alone, as in one process)."""
+        graph = math.isfinite(value) and loss.requires_grad
+        if graph:
+            loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        finite = math.isfinite(value) and all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if graph else 0.0]
+                             + [0.0 if p.grad is None else 1.0 for p in params])
+        flags = distributed.all_reduce(flags, "max").tolist()
+        if flags[0] == 0 and flags[1] == 1:
+            distributed.average_gradients([p for p, has in zip(params, flags[2:]) if has])
+            optimizer.step()
+            self.consecutive = 0
+            return value
+        optimizer.zero_grad(set_to_none=True)
+        if flags[0] == 0:  # no rank has anything to learn from
+            return value
+        return self._skipped(value)
+
+    def _skipped(self, value: float) -> None:
         self.consecutive += 1
         self.skipped += 1
         if self.consecutive == 1 or self.skipped % 100 == 0:
             warnings.warn(f"non-finite loss or gradient (loss {value}); optimizer step skipped "
-                          f"({self.skipped} so far)", RuntimeWarning, stacklevel=2)
+                          f"({self.skipped} so far)", RuntimeWarning, stacklevel=3)
         if self.consecutive >= self.max_consecutive:
             raise UserError(f"training diverged: {self.consecutive} consecutive non-finite losses or gradients; "
                             f"lower --lr, or raise --max_bad_steps (now {self.max_consecutive})")
@@ -109,6 +138,7 @@ class Trainer:
             occ = sum(occ_loss(flatten_positions(e), flatten_positions(r), lm.reshape(-1))
                       for e, r, lm in zip(constrained, residuals, lvl_masks))
         losses["occ"] = self._step("constraintor backward + Adam", occ, "constraintor")
+        distributed.average_buffers(m.constraintor)   # BatchNorm's running statistics, the same on every rank
         flow_values = []
         for level, (e, lm) in enumerate(zip(constrained, lvl_masks)):
             flow_values += self._flow_level(level, e, lm, stage2, generator)
@@ -130,7 +160,7 @@ class Trainer:
                 logp, logp_a = self.model.flow_log_likelihoods(level, rows[idx], coords[idx])
             with stage("flow losses"):
                 mb_mask = mask_rows[idx]
-                self.boundaries.update(level, normal_boundary(logp, mb_mask, cfg.pos_beta))
+                self.boundaries.update(level, distributed.mean_over_ranks(normal_boundary(logp, mb_mask, cfg.pos_beta)))
                 bounds = None
                 if stage2:
                     b_n = self.boundaries.get(level)
