@@ -10,6 +10,7 @@ that stopped first.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from utils.errors import UserError
 
@@ -83,7 +85,7 @@ def init(device: str = "auto") -> Ranks:
     signal.signal(signal.SIGTERM, _stopped_by_launcher)
     if not _current.primary:   # rank 0 alone prints results and progress bars; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
-        os.environ["TQDM_DISABLE"] = "1"
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
     return _current
 
 

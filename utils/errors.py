@@ -36,6 +36,8 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
     """Run a script's ``main(argv)``; report user errors and Ctrl-C in one line."""
+    from utils import distributed   # the one process group of a torchrun job, left at the end
+
     try:
         main(argv)
     except UserError as err:
@@ -45,4 +47,6 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         print("interrupted: the last complete checkpoint and result files are intact; "
               "continue with --resume", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        distributed.shutdown()
     return 0

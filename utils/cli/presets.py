@@ -24,7 +24,7 @@ DEMO_DEFAULTS = dict(
 # recipe measured on real defects (README, Recommended preset).  Each value is a flag's default.
 PRESETS: Dict[str, Dict[str, object]] = {
     "authors": {},
-    "recommended": dict(anomaly_map="coarse_knn", image_score="mean_top1pct"),
+    "recommended": dict(anomaly_map="coarse_knn", image_score="mean_top1pct", normalization="references"),
 }
 DEMO_PRESET = "recommended"
 

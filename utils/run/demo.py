@@ -6,6 +6,7 @@ import os
 from datasets import DEMO_UNSEEN, generate_demo_dataset
 from datasets.demo import DEFAULT_TRAIN_IMAGES
 from models.extractor import FeatureExtractor
+from utils import distributed
 from utils.atomic import check_writable
 from utils.errors import UserError
 from utils.run.config import RunConfig
@@ -22,9 +23,12 @@ def prepare_demo(config: RunConfig) -> FeatureExtractor:
                         f"normal images each, so at most {DEFAULT_TRAIN_IMAGES} reference shots")
     check_writable(config.checkpoint_path)
     check_writable(config.data.test_ref_feature_dir, "--test_ref_feature_dir")
-    root = generate_demo_dataset(config.data.test_dataset_dir)
-    print(f"demo dataset: {os.path.abspath(root)}")
-    extractor = config.backbone.build(resolve_device(config.device))
-    extract_reference_features("demo", root, config.data.test_ref_feature_dir, extractor, shots=shots,
-                               classes=DEMO_UNSEEN)
+    ranks = distributed.init(config.device)
+    extractor = config.backbone.build(resolve_device(distributed.device_of(ranks, config.device)))
+    if ranks.primary:   # under torchrun rank 0 writes the dataset and the features, the others wait for them
+        root = generate_demo_dataset(config.data.test_dataset_dir)
+        print(f"demo dataset: {os.path.abspath(root)}")
+        extract_reference_features("demo", root, config.data.test_ref_feature_dir, extractor, shots=shots,
+                                   classes=DEMO_UNSEEN)
+    distributed.barrier()
     return extractor

@@ -14,7 +14,8 @@ import pandas as pd
 
 from models.extractor import FeatureExtractor
 from utils.formats import checkpoint
-from utils.report.results import summary_line, write_evaluation
+from utils import distributed
+from utils.report.results import evaluation_table, summary_line, write_evaluation
 from utils.run.config import RunConfig
 from utils.run.evaluation import evaluate
 from utils.run.preflight import EVALUATE, prepare
@@ -34,6 +35,9 @@ def evaluate_checkpoint(config: RunConfig, path: str,
                        config.num_workers, config.seed, num_heatmaps=config.evaluation.num_heatmaps)
     tables = {}
     for k, out in inputs.outputs.items():
+        if not distributed.current().primary:   # under torchrun rank 0 writes
+            tables[k] = evaluation_table(results[k])
+            continue
         tables[k] = write_evaluation(out, epoch, results[k], heatmaps=True)
         print(summary_line(f"{out.name} (checkpoint epoch {epoch})", tables[k]))
         print(f"results of {out.name} in {out.folder}: {os.path.basename(out.metrics_csv(epoch))}/.json")

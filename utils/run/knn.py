@@ -14,6 +14,7 @@ from models.calibration import calibrate_baseline
 from models.extractor import FeatureExtractor
 from models.knn_baseline import KnnAccumulator
 from models.matching import ReferenceBank
+from utils import distributed
 from utils.report.results import summary_line, write_knn_only
 from utils.run.config import EvalConfig, RunConfig
 from utils.run.evaluation import ClassEvaluation, ClassScores, knn_result
@@ -25,6 +26,9 @@ from utils.stages import staged
 def evaluate_baseline(config: RunConfig, extractor: Optional[FeatureExtractor] = None) -> Dict[int, pd.DataFrame]:
     """Evaluate the baseline and write ``<run>_baseline.csv/.json`` (and its per-image scores) per number of shots."""
     inputs = prepare(config, KNN, extractor)
+    if not distributed.current().primary:   # under torchrun: rank 0 alone (no model, the cheap run)
+        distributed.barrier()
+        return {}
     results = knn_metrics(inputs.extractor, inputs.test_sets, inputs.banks, config.evaluation, inputs.device,
                           config.num_workers)
     tables = {}
@@ -34,6 +38,7 @@ def evaluate_baseline(config: RunConfig, extractor: Optional[FeatureExtractor] =
         for name, table in tables[k].groupby("Map", sort=False):
             print(summary_line(f"{out.name} {KNN_LABELS[name]} ({k} shots)", table))
         print(f"written to {out.knn_only_csv()} (.json) and {out.knn_only_scores_csv()}")
+    distributed.barrier()
     return tables
 
 

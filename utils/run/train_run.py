@@ -216,6 +216,7 @@ class TrainingRun:
             cfg.arguments, cfg.seed, inputs.device,
             {"train": cfg.data.train_dataset_dir, "test": cfg.data.test_dataset_dir}, cfg.data.test_ref_feature_dir,
             inputs.setting.source, inputs.setting.target, inputs.training.stage_samples, inputs.test_sets)
+        description["distributed"] = self.ranks.describe()
         run_record.write_run_records({k: out.run_record() for k, out in inputs.outputs.items()}, description,
                                      resumed_from, self.start_epoch)
 
