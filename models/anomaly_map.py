@@ -16,6 +16,7 @@ chunks, so a set too large to hold can be scored in passes with the same result.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -85,15 +86,22 @@ def _normality(logps: Sequence[torch.Tensor], level_max: Sequence[float], size: 
     return sum(_upsample((lp - m).exp(), size) for lp, m in zip(logps, level_max))
 
 
+# Reduces a tensor of partial statistics over the processes of a job ("sum" or "max"); see set_statistics.
+Merge = Callable[[torch.Tensor, str], torch.Tensor]
+
+
 @torch.no_grad()
 def map_statistics(chunks: Iterable[Sequence[torch.Tensor]], size: int = 224,
-                   level_max: Optional[Sequence[float]] = None) -> MapStatistics:
+                   level_max: Optional[Sequence[float]] = None, merge: Optional[Merge] = None) -> MapStatistics:
     """:class:`MapStatistics` of per-level logp chunks (an iterable, read once, or twice when
-    ``level_max`` is not given: pass a list then)."""
+    ``level_max`` is not given: pass a list then).  ``merge``: the chunks are one process's part of the
+    set, and each maximum is merged over the processes."""
     chunks = list(chunks) if level_max is None else chunks
     if level_max is None:
         level_max = [max(float(chunk[level].max()) for chunk in chunks) for level in range(len(chunks[0]))]
-    normality_max = max(float(_normality(chunk, level_max, size).max()) for chunk in chunks)
+    normality_max = max((float(_normality(chunk, level_max, size).max()) for chunk in chunks), default=-math.inf)
+    if merge is not None:
+        normality_max = float(merge(torch.tensor([normality_max], dtype=torch.float64), "max")[0])
     return MapStatistics(list(level_max), normality_max)
 
 
@@ -162,14 +170,21 @@ class LevelMoments:
 
 
 @torch.no_grad()
-def level_moments(chunks: Iterable[Sequence[torch.Tensor]]) -> LevelMoments:
-    """:class:`LevelMoments` of per-level (N, H_l, W_l) chunks (read once; float64 sums)."""
+def level_moments(chunks: Iterable[Sequence[torch.Tensor]], merge: Optional[Merge] = None,
+                  num_levels: Optional[int] = None) -> LevelMoments:
+    """:class:`LevelMoments` of per-level (N, H_l, W_l) chunks (read once; float64 sums).  ``merge``: the
+    chunks are one process's part of the set (perhaps none: give ``num_levels``), and the sums are merged."""
     sums = None
     for chunk in chunks:
-        parts = [(float(c.numel()), c.double().sum().item(), c.double().square().sum().item()) for c in chunk]
-        sums = parts if sums is None else [tuple(a + b for a, b in zip(s, p)) for s, p in zip(sums, parts)]
-    mean = [s / n for n, s, _ in sums]
-    std = [max(q / n - m * m, 0.0) ** 0.5 for (n, _, q), m in zip(sums, mean)]
+        parts = torch.tensor([[float(c.numel()), c.double().sum().item(), c.double().square().sum().item()]
+                              for c in chunk], dtype=torch.float64)
+        sums = parts if sums is None else sums + parts
+    if sums is None:
+        sums = torch.zeros((num_levels, 3), dtype=torch.float64)
+    if merge is not None:
+        sums = merge(sums, "sum")
+    mean = [s / n for n, s, _ in sums.tolist()]
+    std = [max(q / n - m * m, 0.0) ** 0.5 for (n, _, q), m in zip(sums.tolist(), mean)]
     return LevelMoments(mean, [s if s > 0 else 1.0 for s in std])
 
 
@@ -278,18 +293,25 @@ def resad_maps(outputs, kind: str, size: int = 224, sigma: float = 4.0,
 
 
 @torch.no_grad()
-def set_statistics(chunks: Callable[[], Iterable], kind: str, size: int = 224) -> Statistics:
+def set_statistics(chunks: Callable[[], Iterable], kind: str, size: int = 224, merge: Optional[Merge] = None,
+                   num_levels: Optional[int] = None) -> Statistics:
     """The statistics :func:`resad_maps` needs of a set given in chunks of :class:`models.resad.LevelScores`
     (``chunks()`` yields them afresh on every call): per term the positions' mean and std (standardized
-    maps), else the per-level maximum logp and the maximum normality (:class:`MapStatistics`)."""
+    maps), else the per-level maximum logp and the maximum normality (:class:`MapStatistics`).  ``merge``
+    (with ``num_levels``, the model's): the chunks are one process's part of the set, and the sums and
+    maxima are merged over the processes, which gives exactly the statistics of the whole set."""
     if kind in STANDARDIZED_TERMS:
-        return [level_moments(standardized_terms(chunk, kind)[term] for chunk in chunks())
+        levels = None if num_levels is None else num_levels - first_level(kind, num_levels)
+        return [level_moments((standardized_terms(chunk, kind)[term] for chunk in chunks()), merge, levels)
                 for term in range(len(STANDARDIZED_TERMS[kind]))]
     level_max = None
     for chunk in chunks():
         found = [float(lp.max()) for lp in chunk.logps]
         level_max = found if level_max is None else [max(a, b) for a, b in zip(level_max, found)]
-    return map_statistics((chunk.logps for chunk in chunks()), size, level_max)
+    if merge is not None:
+        mine = torch.tensor(level_max if level_max is not None else [-math.inf] * num_levels, dtype=torch.float64)
+        level_max = merge(mine, "max").tolist()
+    return map_statistics((chunk.logps for chunk in chunks()), size, level_max, merge)
 
 
 def image_scores(maps: torch.Tensor, rule: str = "max") -> torch.Tensor:

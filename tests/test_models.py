@@ -378,6 +378,35 @@ def test_coarse_knn_map_sums_the_coarse_nll_and_nearest_reference_distances():
         resad_maps(outputs._replace(nearest=[]), "coarse_knn", size=size)
 
 
+def test_the_baseline_under_resads_rule_standardizes_the_same_levels_with_given_statistics():
+    """knn_normalized of a coarse map: the distances of levels 1 and 2 alone, standardized with numpy moments
+    (the set's), or with fixed statistics (a calibration's), which make each image's map its own."""
+    from models.anomaly_map import LevelMoments, nearest_levels, normalized_baseline, resad_maps
+    from models.resad import LevelScores
+
+    torch.manual_seed(6)
+    shapes = [(3, 16, 16), (3, 8, 8), (3, 4, 4)]
+    nearest = [torch.rand(*s) * (i + 2) for i, s in enumerate(shapes)]
+    outputs = LevelScores([], [], [], [], nearest=[None] + nearest[1:])   # the finest level not searched
+    assert normalized_baseline("coarse_knn") == "coarse_knn_standardized" and normalized_baseline("fused") is None
+    assert normalized_baseline("standardized") == "knn_standardized"
+    assert nearest_levels(["coarse_knn"], 3) == [1, 2] and nearest_levels(["knn", "fused"], 3) == [0, 1, 2]
+    assert nearest_levels(["fused", "coarse_residual"], 3) is None
+    size, total = 32, 0.0
+    for d in nearest[1:]:
+        d = d.numpy().astype(np.float64)
+        total = total + _scipy_up((d - d.mean()) / d.std(), size)
+    expected = np.stack([ndi.gaussian_filter(m, 2.0) for m in total])
+    got = resad_maps(outputs, "coarse_knn_standardized", size=size, sigma=2.0).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    fixed = [LevelMoments([1.0, 2.0], [0.5, 4.0])]
+    alone = resad_maps(outputs._replace(nearest=[None] + [d[:1] for d in nearest[1:]]), "coarse_knn_standardized",
+                       size=size, sigma=2.0, statistics=fixed).numpy()
+    by_hand = sum(_scipy_up((d[:1].numpy().astype(np.float64) - m) / sd, size)
+                  for d, m, sd in zip(nearest[1:], fixed[0].mean, fixed[0].std))
+    assert np.abs(alone[0] - ndi.gaussian_filter(by_hand[0], 2.0)).max() < 1e-4
+
+
 def test_forward_shots_nearest_is_the_brute_force_nearest_reference_distance():
     from models.matching import ReferenceBank
     from models.resad import ModelConfig, ResAD

@@ -4,50 +4,26 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
 
-from datasets import DEMO_SEEN, Sample, evaluation_samples, generate_demo_dataset
+from datasets import Sample, evaluation_samples
 from models.anomaly_map import anomaly_maps, map_statistics
-from models.extractor import OFFLINE_BACKBONE, build_extractor
+from models.extractor import OFFLINE_BACKBONE
 from models.matching import ReferenceBank
-from tests.run_helpers import fit, make_args
+from tests.conftest import CLASS
 from utils.errors import UserError, run_cli
 from utils.formats import checkpoint, reference_features
 from utils.formats.predictions import SCORE_COLUMNS, read_scores
 from utils.run.config import EvalConfig, PredictConfig
 from utils.run.evaluation import evaluate
-from utils.run.extraction import extract_reference_features
 from utils.run.loaders import make_loader
 from utils.run.predict_run import predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASS = "chip"  # an unseen demo class: 2 normal and 3 anomalous test images, 6 normal training images
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A demo checkpoint trained for one epoch on two seen classes, and 4-shot reference features of the class."""
-    base = tmp_path_factory.mktemp("predict")
-    root = generate_demo_dataset(str(base / "demo"), n_train=6, n_test_good=2, n_test_anomalous=3)
-    extractor = build_extractor(OFFLINE_BACKBONE)
-    refs = str(base / "refs")
-    extract_reference_features("demo", root, refs, extractor, shots=4, classes=[CLASS])
-    args = make_args(setting="custom", source_dataset="demo", target_dataset="demo", seen_classes=list(DEMO_SEEN[:2]),
-                     unseen_classes=[CLASS], train_dataset_dir=root, test_dataset_dir=root, test_ref_feature_dir=refs,
-                     num_ref_shot=4, train_ref_shot=2, train_ref_pool=3, backbone=OFFLINE_BACKBONE, epochs=1,
-                     stage1_epochs=1, batch_size=8, eval_batch_size=8, lr=1e-4, num_workers=0,
-                     checkpoint_path=str(base / "ckpt"), coupling_layers=2, num_embeddings=64, num_heatmaps=0,
-                     device="cpu", no_aupro=True)
-    fit(args, shots=[4], run_names={4: "demo"}, extractor=extractor)
-    return SimpleNamespace(root=root, refs=refs, extractor=extractor, base=base,
-                           ckpt=str(base / "ckpt" / "demo" / "demo_latest.pth"),
-                           images=os.path.join(root, CLASS, "test"),
-                           ref_images=os.path.join(root, CLASS, "train", "good"))
 
 
 def config(trained, out, **overrides) -> PredictConfig:
@@ -378,3 +354,37 @@ def test_stdin_paths_come_in_batches_of_at_most_the_batch_size():
     from utils.run.predict_run import stdin_paths
 
     assert list(stdin_paths(io.StringIO("a\n\nb\nc\n d \ne\n"), 2)) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_evaluation_writes_per_image_scores_and_the_baseline_raw_and_under_resads_rule(trained, tmp_path):
+    """<run>_epoch<E>_scores.csv: one row per test image, whose scores give the metrics CSV's image AUROC;
+    the baseline's table has a knn and a knn_normalized row, and its own per-image scores."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from utils.formats.run_outputs import RunOutputs
+    from utils.report.results import write_evaluation, write_knn_beside
+
+    state = checkpoint.open_model(trained.ckpt)
+    model = checkpoint.build_model(state, trained.extractor, 0.4, torch.device("cpu"))
+    bank = reference_features.load_bank(trained.refs, CLASS, trained.extractor.describe(), 4)
+    samples = evaluation_samples("demo", trained.root, CLASS)
+    settings = EvalConfig(shots=(4,), batch_size=3, aupro=False, anomaly_map="coarse_knn",
+                          image_score="mean_top1pct", normalization="references")
+    result = evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
+                      knn_cache={})[4]
+    out = RunOutputs(str(tmp_path), "run")
+    metrics = write_evaluation(out, 1, result, heatmaps=False)
+    baseline = write_knn_beside(out, 1, result)
+    scores = pd.read_csv(out.scores_csv(1))
+    assert scores["Image"].tolist() == [s.image for s in samples] and scores["Label"].tolist() == [s.label for s in samples]
+    assert {"resad", "fused", "coarse_knn", "standardized"} <= set(scores.columns)
+    assert roc_auc_score(scores["Label"], scores["resad"]) == pytest.approx(metrics["Image AUC"].iloc[0], abs=1e-5)
+    assert (scores["resad"] == scores["coarse_knn"]).all()
+    assert list(dict.fromkeys(baseline["Map"])) == ["knn", "knn_normalized"]
+    knn_scores = pd.read_csv(out.baseline_scores_csv(1))
+    for name in ("knn", "knn_normalized"):
+        auroc = baseline[(baseline["Map"] == name) & (baseline["Class Name"] == CLASS)]["Image AUC"].iloc[0]
+        assert roc_auc_score(knn_scores["Label"], knn_scores[name]) == pytest.approx(auroc, abs=1e-5)
+    maps = pd.read_csv(out.maps_csv(1))
+    assert {"knn", "knn_normalized", "resad"} <= set(maps["Map"])

@@ -20,6 +20,7 @@ import select
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -33,14 +34,17 @@ from datasets.files import walk_image_files
 from models.anomaly_map import image_scores, nearest_levels, needed_fields, resad_maps, set_statistics
 from models.calibration import reference_outputs
 from models.extractor import FeatureExtractor
+from utils import distributed
 from utils.atomic import atomic_path, check_writable, ensure_dir, save_json
+from utils.distributed import Ranks
 from utils.errors import UserError
 from utils.formats.predictions import (OutputNames, PredictionOutputs, ScoresAppender, ScoresWriter, judge,
-                                       output_names, scored_images)
+                                       output_names, read_scores, scored_images)
 from utils.report import run_record
 from utils.report.plots import PredictionHeatmaps
 from utils.run.config import PredictConfig
-from utils.run.prediction import OutputStore, ReadableImages, image_batches, input_image, score_images
+from utils.run.prediction import (OutputStore, ReadableImages, image_batches, input_image, rank_batches,
+                                  score_images)
 from utils.run.predictor import CLASS, Scorer, check_references, load_scorer
 from utils.seed import seed_everything
 
@@ -108,6 +112,8 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
     if STDIN in config.images and (len(config.images) > 1 or config.normalization != "references"):
         raise UserError("--images -: reads image paths from standard input alone, and scores each on its own "
                         "(--normalization references); give no other --images, or a folder")
+    if STDIN in config.images and distributed.launched():
+        raise UserError("--images -: one stream of paths is read by one process; run predict.py without torchrun")
     found = [] if config.images == (STDIN,) else list_images(config.images, config.out)
     checked = check_references(config)
     check_writable(config.out, "--out")
@@ -119,6 +125,9 @@ def prepare_prediction(config: PredictConfig, extractor: Optional[FeatureExtract
               "in the bank, at distance 0); they are not scored")
         if not kept:
             raise UserError(f"--images {' '.join(config.images)}: holds only the reference images; give other images")
+    if scorer.ranks.active:
+        distributed.check_same({"arguments": config.arguments, "images": kept,
+                                "identity": scorer.calibration_record.get("identity")}, "the prediction")
     claimed = OutputNames()
     samples = [Sample(path, 0, (), CLASS) for path, _ in kept]
     return PredictionInputs(config, scorer, samples, output_names(kept, claimed), claimed,
@@ -143,7 +152,7 @@ def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None)
         ensure_dir(config.out, "--out")
         record = _stream(inputs, started) if config.normalization == "references" else _set_passes(inputs, started)
     except BaseException:
-        if created and os.path.isdir(config.out) and not _results_in(config.out):
+        if created and distributed.current().primary and os.path.isdir(config.out) and not _results_in(config.out):
             _remove_tree(config.out)   # a run that scored nothing leaves no folder behind
         raise
     counts, total = record["images"], record["seconds"]["total"]
@@ -195,17 +204,25 @@ def _stream(inputs: PredictionInputs, started: float) -> dict:
     done = _resumable(inputs, identity)
     threshold = scorer.threshold
     print(f"threshold {threshold:.6g}: {_threshold_source(scorer)}")
+    if scorer.bank.num_shots == 1 and cfg.threshold is None:
+        print("warning: with one reference the threshold is the reference's score against itself, which "
+              "underestimates how much normal parts differ (docs/predict.md); give --threshold X or more references")
     record = _record(inputs, identity, {}, {"count": 0}, {})
     record["status"] = "running"
-    save_json(inputs.outputs.run_record(), record)
+    _save_record(inputs, record)
     counts = _score_pending(inputs, done, threshold)
     record.update(status="done", images=dict(counts, inputs=[os.path.abspath(p) for p in cfg.images],
                                              earlier=len(done)))
     total = time.perf_counter() - started
     record["seconds"] = {"total": total}
-    record["images_per_second"] = (counts["count"] - len(done)) / total if total else 0.0
-    save_json(inputs.outputs.run_record(), record)
+    record["images_per_second"] = (counts.get("count", 0) - len(done)) / total if total else 0.0
+    _save_record(inputs, record)
     return record
+
+
+def _save_record(inputs: PredictionInputs, record: dict) -> None:
+    if inputs.scorer.ranks.primary:   # under torchrun rank 0 writes
+        save_json(inputs.outputs.run_record(), record)
 
 
 def _threshold_source(scorer: Scorer) -> str:
@@ -221,55 +238,90 @@ def _threshold_source(scorer: Scorer) -> str:
 
 
 def _score_pending(inputs: PredictionInputs, done: List[str], threshold: float) -> dict:
-    """Score the images not yet in ``scores.csv`` batch by batch; the counts of every label (earlier rows too)."""
+    """Score the images not yet in ``scores.csv`` batch by batch, appending each batch's rows; the counts of
+    every label in ``scores.csv`` (earlier rows too).  Under torchrun rank 0 appends every rank's rows."""
     cfg, scorer = inputs.config, inputs.scorer
     for path in done if inputs.streaming else ():   # the names the earlier rows took, in their order
         inputs.claimed.claim(os.path.splitext(os.path.basename(path))[0])
-    held, counts, readable = [], {"count": len(done)}, 0
+    held, readable, writer = [], 0, None
     canvas = PredictionHeatmaps(scorer.value_range(), threshold, size=scorer.extractor.image_size) \
         if cfg.heatmaps else None
     try:
-        writer = None
-        for paths, names, batch in _pending_batches(inputs, set(map(os.path.abspath, done))):
-            rows = _score_batch(inputs, paths, names, batch, threshold, canvas)
+        for rows in _rows_in_order(inputs, set(map(os.path.abspath, done)), threshold, canvas):
             readable += sum(1 for row in rows if row[1] is not None)
             held += rows
             if readable and writer is None:
                 writer = ScoresAppender(inputs.outputs.scores_csv())
-            if writer is not None:
-                _write_rows(writer, held, threshold, counts)
+            if writer is not None and held:
+                _write_rows(writer, held, threshold)
                 held = []
+    finally:
         if writer is not None:
             writer.close()
-    finally:
         if canvas is not None:
             canvas.close()
-    if held and not readable and not done:
-        raise UserError(f"--images: none of the {len(held)} images could be read (first: {held[0][0]}: "
-                        f"{held[0][2]})")
-    return counts
+    failed = distributed.broadcast_object(held[0] if held and not readable and not done else None)
+    if failed is not None:
+        raise UserError(f"--images: none of the {len(held) or 'given'} images could be read (first: {failed[0]}: "
+                        f"{failed[2]})")
+    return _label_counts(inputs.outputs.scores_csv()) if inputs.scorer.ranks.primary else {}
 
 
-def _write_rows(writer: ScoresAppender, rows: List[tuple], threshold: float, counts: dict) -> None:
+def _label_counts(path: str) -> dict:
+    labels = read_scores(path)["label"] if os.path.isfile(path) else []
+    return dict(Counter(labels), count=len(labels))
+
+
+def _write_rows(writer: ScoresAppender, rows: List[tuple], threshold: float) -> None:
     for path, score, error in rows:
         if score is None:
             writer.failed(path, threshold, error)
         else:
             writer.scored(path, score, threshold)
     writer.commit()
-    for label, count in writer.counts.items():
-        counts[label] = count
-    counts["count"] += len(rows)
 
 
-def _pending_batches(inputs: PredictionInputs, done: set) -> Iterator[Tuple[List[str], List[str], dict]]:
-    """(paths, output names, batch of :class:`ReadableImages` items) of the images still to score."""
+def _rows_in_order(inputs: PredictionInputs, done: set, threshold: float,
+                   canvas: Optional[PredictionHeatmaps]) -> Iterator[List[tuple]]:
+    """Per batch, in input order, the (path, score or None, error) rows of the images still to score.
+    Under torchrun each rank scores every world_size-th batch and rank 0 receives each round's rows in
+    order (the other ranks get empty lists)."""
+    ranks = inputs.scorer.ranks
+    if not ranks.active:
+        for paths, names, batch in _pending_batches(inputs, done):
+            yield _score_batch(inputs, paths, names, batch, threshold, canvas)
+        return
+    mine = _pending_batches(inputs, done, ranks)
+    batches = -(-_pending_count(inputs, done) // inputs.config.batch_size)
+    rounds = -(-batches // ranks.world_size)
+    for _ in range(rounds):
+        found = next(mine, None)
+        rows = _score_batch(inputs, *found, threshold, canvas) if found is not None else []
+        gathered = distributed.gather_object(rows, dst=0)
+        yield [row for part in gathered for row in part] if ranks.primary else []
+
+
+def _pending(inputs: PredictionInputs, done: set) -> List[int]:
+    return [i for i, s in enumerate(inputs.samples) if os.path.abspath(s.image) not in done]
+
+
+def _pending_count(inputs: PredictionInputs, done: set) -> int:
+    return len(_pending(inputs, done))
+
+
+def _pending_batches(inputs: PredictionInputs, done: set,
+                     ranks: Optional[Ranks] = None) -> Iterator[Tuple[List[str], List[str], dict]]:
+    """(paths, output names, batch of :class:`ReadableImages` items) of the images still to score (``ranks``:
+    this rank's batches, :func:`utils.run.prediction.rank_batches`)."""
     cfg, extractor = inputs.config, inputs.scorer.extractor
     if not inputs.streaming:
-        pending = [i for i, s in enumerate(inputs.samples) if os.path.abspath(s.image) not in done]
+        pending = _pending(inputs, done)
         if len(pending) < len(inputs.samples):
             print(f"{len(inputs.samples) - len(pending)} of {len(inputs.samples)} images are already in "
                   f"{inputs.outputs.scores_csv()}; scoring the other {len(pending)}")
+        if ranks is not None:
+            pending = [pending[i] for part in rank_batches(len(pending), cfg.batch_size, ranks.rank, ranks.world_size)
+                       for i in part]
         samples = [inputs.samples[i] for i in pending]
         names = [inputs.names[i] for i in pending]
         for start, batch in image_batches(samples, extractor, cfg.batch_size, cfg.num_workers, "scoring"):
@@ -364,30 +416,39 @@ def _record(inputs: PredictionInputs, identity: dict, threshold: dict, images: d
 
 def _set_passes(inputs: PredictionInputs, started: float) -> dict:
     """``--normalization set``: score every image into a scratch store, the set's statistics and the
-    threshold, then ``scores.csv`` (the run record beside it), then the heat-maps; returns the run record."""
+    threshold, then ``scores.csv`` (the run record beside it), then the heat-maps; returns the run record.
+    Under torchrun each rank scores every world_size-th batch, the statistics are merged exactly over the
+    ranks (sums and maxima) and rank 0 writes ``scores.csv`` in input order."""
     cfg, scorer, n = inputs.config, inputs.scorer, len(inputs.samples)
+    ranks = scorer.ranks
+    mine = np.concatenate(rank_batches(n, cfg.batch_size, ranks.rank, ranks.world_size) or [np.zeros(0, int)])
     with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, scorer.extractor.feature_sizes,
                                                           needed_fields(inputs.kind)) as store:
         read = score_images(scorer.model, scorer.extractor, scorer.bank, inputs.samples, store, cfg.batch_size,
-                            cfg.num_workers, scorer.device, lambda i, why: _failed(inputs, i, why))
-        if not read.any():
+                            cfg.num_workers, scorer.device, lambda i, why: _failed(inputs, i, why), indices=mine)
+        everywhere = distributed.all_gather_object((np.flatnonzero(read), inputs.failures))
+        inputs.failures = {i: why for _, failures in everywhere for i, why in failures.items()}
+        if not sum(len(found) for found, _ in everywhere):
             raise UserError(f"--images: none of the {n} images could be read (first: {inputs.failures[0]})")
+        merge = distributed.all_reduce if ranks.active else None
         statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
-                                    scorer.extractor.image_size)
+                                    scorer.extractor.image_size, merge, len(scorer.extractor.channels))
         threshold = _set_threshold(inputs, statistics)
         scored = time.perf_counter()
-        value_range, counts = write_set_scores(inputs, store, read, statistics, threshold["value"])
-        record = _record(inputs, {}, threshold, {"inputs": [os.path.abspath(p) for p in cfg.images], "count": n,
-                                                 **counts},
-                         {"scoring": scored - started, "scores": time.perf_counter() - scored})
-        save_json(inputs.outputs.run_record(), record)
+        value_range, scores = set_scores(inputs, store, read, statistics)
+        record = _record(inputs, {}, threshold, {"inputs": [os.path.abspath(p) for p in cfg.images], "count": n},
+                         {})
+        if ranks.primary:
+            record["images"].update(write_set_scores(inputs, scores, threshold["value"]))
+        record["seconds"] = {"scoring": scored - started, "scores": time.perf_counter() - scored}
+        _save_record(inputs, record)
         if cfg.heatmaps:
             drawn = time.perf_counter()
-            draw_set_heatmaps(inputs, store, read, statistics, threshold["value"], value_range)
+            draw_set_heatmaps(inputs, store, read, statistics, threshold["value"], value_range, mine)
             record["seconds"]["heatmaps"] = time.perf_counter() - drawn
     record["seconds"]["total"] = total = time.perf_counter() - started
     record["images_per_second"] = n / total
-    save_json(inputs.outputs.run_record(), record)
+    _save_record(inputs, record)
     return record
 
 
@@ -414,46 +475,56 @@ def _set_threshold(inputs: PredictionInputs, statistics) -> dict:
     return {"value": value, "from": "references", "rule": rule, "reference_scores": scores.tolist()}
 
 
-def write_set_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics,
-                     threshold: float) -> Tuple[Tuple[float, float], dict]:
-    """Pass 2: ``scores.csv`` (and the raw maps); returns the maps' (min, max) and the count of each label."""
-    cfg, size, n = inputs.config, inputs.scorer.extractor.image_size, len(inputs.samples)
-    low, high = np.inf, -np.inf
+def set_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray,
+               statistics) -> Tuple[Tuple[float, float], Dict[int, float]]:
+    """Pass 2: the image score of every image this rank read (the raw maps saved), and the maps' (min, max),
+    both over every rank."""
+    cfg, size = inputs.config, inputs.scorer.extractor.image_size
+    low, high, scores = np.inf, -np.inf, {}
+    mine = np.flatnonzero(read)
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="scores", dynamic_ncols=True):
+        chunk = mine[start:start + cfg.batch_size]
+        maps = resad_maps(store.get(chunk), inputs.kind, size, cfg.smooth_sigma, statistics)
+        scores.update(zip(chunk.tolist(), image_scores(maps, cfg.image_score).tolist()))
+        for j, index in enumerate(chunk.tolist()):
+            low, high = min(low, float(maps[j].min())), max(high, float(maps[j].max()))
+            if cfg.save_maps:
+                _save_map(inputs.outputs.raw_map(inputs.names[index]), maps[j])
+    everyone = distributed.all_gather_object((low, high, scores))
+    value_range = (min(part[0] for part in everyone), max(part[1] for part in everyone))
+    return value_range, {i: v for part in everyone for i, v in part[2].items()}
+
+
+def write_set_scores(inputs: PredictionInputs, scores: Dict[int, float], threshold: float) -> dict:
+    """``scores.csv`` of every image in input order (written whole); returns the count of each label."""
     with ScoresWriter.open(inputs.outputs.scores_csv()) as writer:
-        for start in tqdm(range(0, n, cfg.batch_size), desc="scores", dynamic_ncols=True):
-            chunk = np.arange(start, min(n, start + cfg.batch_size))
-            good = chunk[read[chunk]]
-            maps = resad_maps(store.get(good), inputs.kind, size, cfg.smooth_sigma, statistics) if len(good) else None
-            scores = dict(zip(good.tolist(), image_scores(maps, cfg.image_score).tolist())) if len(good) else {}
-            for j, index in enumerate(good.tolist()):
-                low, high = min(low, float(maps[j].min())), max(high, float(maps[j].max()))
-                if cfg.save_maps:
-                    _save_map(inputs.outputs.raw_map(inputs.names[index]), maps[j])
-            for index in chunk.tolist():
-                path = inputs.samples[index].image
-                if index in scores:
-                    writer.scored(path, scores[index], threshold)
-                else:
-                    writer.failed(path, threshold, inputs.failures[index])
-    return (low, high), dict(writer.counts)
+        for index, sample in enumerate(inputs.samples):
+            if index in scores:
+                writer.scored(sample.image, scores[index], threshold)
+            else:
+                writer.failed(sample.image, threshold, inputs.failures[index])
+    return dict(writer.counts)
 
 
 def draw_set_heatmaps(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics, threshold: float,
-                      value_range: Tuple[float, float]) -> None:
-    """Pass 3: one PNG per readable image, the images read again and the maps built again (cheap next to drawing)."""
+                      value_range: Tuple[float, float], indices: np.ndarray) -> None:
+    """Pass 3: one PNG per readable image of ``indices`` (this rank's), the images read again and the maps
+    built again (cheap next to drawing)."""
     cfg, extractor = inputs.config, inputs.scorer.extractor
     canvas = PredictionHeatmaps(value_range, threshold, size=extractor.image_size)
     try:
-        for start, batch in image_batches(inputs.samples, extractor, cfg.batch_size, cfg.num_workers, "heat-maps"):
-            chunk = np.arange(start, start + len(batch["path"]))
+        for start, batch in image_batches([inputs.samples[i] for i in indices], extractor, cfg.batch_size,
+                                          cfg.num_workers, "heat-maps"):
+            chunk = indices[start:start + len(batch["path"])]
             good = chunk[read[chunk]]
             if not len(good):
                 continue
             maps = resad_maps(store.get(good), inputs.kind, extractor.image_size, cfg.smooth_sigma, statistics)
             scores = image_scores(maps, cfg.image_score).tolist()
+            positions = {index: j for j, index in enumerate(chunk.tolist())}
             for j, index in enumerate(good.tolist()):
                 canvas.save(inputs.outputs.heatmap(inputs.names[index]),
-                            input_image(batch["image"][index - start], extractor), maps[j].numpy(),
+                            input_image(batch["image"][positions[index]], extractor), maps[j].numpy(),
                             _title(inputs.names[index], scores[j], threshold))
     finally:
         canvas.close()

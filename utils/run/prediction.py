@@ -10,7 +10,7 @@ images of both normalisations.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,27 +100,37 @@ def image_batches(samples: Sequence[Sample], extractor: FeatureExtractor, batch_
 @torch.inference_mode()
 def score_images(model: ResAD, extractor: FeatureExtractor, bank: ReferenceBank, samples: Sequence[Sample],
                  store: OutputStore, batch_size: int, num_workers: int, device: torch.device,
-                 on_failure: Callable[[int, str], None]) -> np.ndarray:
+                 on_failure: Callable[[int, str], None], indices: Optional[np.ndarray] = None) -> np.ndarray:
     """Pass 1: the model's outputs of every readable image against all of ``bank``'s shots (as the
     evaluation computes them, :meth:`ResAD.forward_shots`) into ``store``; ``on_failure(index, reason)``
-    for each unreadable one.  Returns which images were read."""
+    for each unreadable one.  ``indices``: score only these images (a rank's share).  Returns which
+    images were read."""
     model.eval()
     read = np.zeros(len(samples), dtype=bool)
+    indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
     k = bank.num_shots
-    for start, batch in image_batches(samples, extractor, batch_size, num_workers, "scoring"):
+    for start, batch in image_batches([samples[i] for i in indices], extractor, batch_size, num_workers, "scoring"):
+        rows = indices[start:start + len(batch["error"])]
         good = [i for i, error in enumerate(batch["error"]) if not error]
         for i, error in enumerate(batch["error"]):
             if error:
-                on_failure(start + i, error)
+                on_failure(int(rows[i]), error)
         if not good:
             continue
         images = batch["image"] if len(good) == len(batch["error"]) else batch["image"][good]
         features = extractor(images.to(device, non_blocking=True))
-        indices = start + np.asarray(good)
         levels = list(range(len(features))) if "nearest" in store.fields else None
-        store.put(indices, model.forward_shots(features, bank, [k], nearest_levels=levels)[k])
-        read[indices] = True
+        store.put(rows[good], model.forward_shots(features, bank, [k], nearest_levels=levels)[k])
+        read[rows[good]] = True
     return read
+
+
+def rank_batches(count: int, batch_size: int, rank: int, world_size: int) -> List[np.ndarray]:
+    """The batches of ``count`` images (in order, ``batch_size`` each) that rank ``rank`` of ``world_size``
+    scores: every ``world_size``-th, from its own rank on, so that round j's batches, one per rank, are the
+    run's batches ``j * world_size`` to ``j * world_size + world_size - 1`` in order."""
+    starts = range(rank * batch_size, count, world_size * batch_size)
+    return [np.arange(start, min(count, start + batch_size)) for start in starts]
 
 
 def input_image(image: torch.Tensor, extractor: FeatureExtractor) -> np.ndarray:

@@ -32,7 +32,9 @@ from models.calibration import Calibration, calibrate_model
 from models.extractor import FeatureExtractor, set_amp, set_resize
 from models.matching import ReferenceBank
 from models.resad import ResAD
+from utils import distributed
 from utils.cli.presets import PRESETS
+from utils.distributed import Ranks
 from utils.errors import UserError
 from utils.formats import calibration as calibration_file
 from utils.formats import checkpoint, reference_features
@@ -56,6 +58,7 @@ class Scorer:
     references: dict                 # what the references are, for the run record
     calibration: Optional[Calibration]   # the class's (None under the set's statistics: predict.py's passes)
     calibration_record: dict             # where the calibration came from, for the run record
+    ranks: Ranks = Ranks()               # this process's place in a torchrun job
 
     @property
     def kind(self) -> str:
@@ -203,21 +206,23 @@ def load_scorer(config: PredictConfig, extractor: Optional[FeatureExtractor] = N
     """Build the :class:`Scorer` of ``config``: checkpoint, backbone (``extractor`` when given), references,
     model and calibration (read from the reference-feature folder or ``calibration_dir``, else computed and
     written to ``calibration_dir``).  ``checked``: :func:`check_references`'s result, when already made."""
-    device = resolve_device(config.device)
+    ranks = distributed.init(config.device)
+    device = resolve_device(distributed.device_of(ranks, config.device))
     configure_device(device)
     state = checkpoint.open_model(config.checkpoint)
     ref_files, ref_dir, ref_class = checked or check_references(config)
     extractor = build_extractor(config, state, ref_dir, ref_class, device, extractor)
     bank, references = load_references(config, extractor, ref_files, ref_dir, ref_class, device)
     model = checkpoint.build_model(state, extractor, config.fdm_alpha, device)
-    if config.normalization != "references":
-        return Scorer(config, device, state, extractor, model, bank, references, None, {})
     identity = calibration_identity(config, state, extractor, bank)
+    if config.normalization != "references":
+        return Scorer(config, device, state, extractor, model, bank, references, None, {"identity": identity}, ranks)
     read_from = ([os.path.join(ref_dir, ref_class)] if ref_dir else []) + ([calibration_dir] if calibration_dir else [])
     kind = ANOMALY_MAP_RECIPES[config.anomaly_map]
-    found, record = class_calibration(model, extractor, bank, identity, [kind], read_from, calibration_dir)
+    found, record = class_calibration(model, extractor, bank, identity, [kind], read_from,
+                                      calibration_dir if ranks.primary else None)
     return Scorer(config, device, state, extractor, model, bank, references, found,
-                  dict(record, rule=found.rule, shots=found.shots, identity=identity))
+                  dict(record, rule=found.rule, shots=found.shots, identity=identity), ranks)
 
 
 @dataclass(frozen=True)
