@@ -23,6 +23,8 @@ from tests.distributed_worker import STEPS, model_and_trainer, step_data
 from utils.run.training import FLOW_MINIBATCH, level_masks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# torchrun gives each of several processes one thread; one process with one thread sums in the same order
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 pytestmark = pytest.mark.slow
 
 
@@ -153,3 +155,148 @@ def test_a_non_finite_loss_on_one_rank_makes_both_skip(tmp_path):
             _equal(value, ranks[0]["initial"][name])
     assert not torch.equal(ranks[0]["model"]["flows.1.inn.module_list.0.subnet.fc2.weight"],
                            ranks[0]["initial"]["flows.1.inn.module_list.0.subnet.fc2.weight"])
+
+
+def test_a_real_training_epoch_keeps_every_rank_the_same(trained, tmp_path):
+    """One epoch of the training run on demo images (its reference pool, sampler, stage-1 batches)."""
+    _assert_ran(torchrun("tests/distributed_worker.py", "epoch", str(tmp_path), trained.root, trained.refs))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    _equal(ranks[0], ranks[1])
+
+
+def _uneven_copy(trained, folder):
+    """The demo data with 2 test images left in the second class: 7 images over 2 ranks, so the first class
+    (5 images, more than a rank's share) is cut into slices."""
+    root = shutil.copytree(trained.root, folder)
+    test = os.path.join(root, OTHER, "test")
+    images = sorted(os.path.join(d, f) for d, _, files in os.walk(test) for f in files)
+    for path in images[2:]:
+        os.remove(path)
+    return root
+
+
+def _evaluate(trained, data, out, nproc):
+    args = ["main.py", "--eval_only", "--checkpoint", trained.ckpt, "--setting", "custom", "--source_dataset", "demo",
+            "--target_dataset", "demo", "--seen_classes", "stripes", "checker", "--unseen_classes", CLASS, OTHER,
+            "--test_dataset_dir", data,
+            "--test_ref_feature_dir", trained.refs, "--shots", "2", "4", "--ref_groups", "2", "--eval_batch_size", "2",
+            "--device", "cpu", "--num_workers", "0", "--checkpoint_path", str(out), "--preset", "recommended"]
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, "main_extended_multi_shot.py", *args[1:]], cwd=REPO,
+                              capture_output=True, text=True, timeout=420, env=ONE_THREAD)
+    else:
+        proc = torchrun("main_extended_multi_shot.py", *args[1:], nproc=nproc)
+    _assert_ran(proc)
+    return proc
+
+
+def test_a_two_rank_evaluation_writes_the_tables_of_one_process(trained, tmp_path):
+    data = _uneven_copy(trained, tmp_path / "data")
+    _evaluate(trained, data, tmp_path / "one", 1)
+    _evaluate(trained, data, tmp_path / "two", 2)
+    found = 0
+    for folder, _, files in os.walk(tmp_path / "one"):
+        for name in files:
+            if name.endswith("_metrics.csv") or name.endswith("_maps.csv"):
+                twin = os.path.join(str(tmp_path / "two"), os.path.relpath(os.path.join(folder, name), tmp_path / "one"))
+                assert open(os.path.join(folder, name)).read() == open(twin).read(), name
+                found += 1
+            if name.endswith("_scores.csv"):
+                one = pd.read_csv(os.path.join(folder, name))
+                two = pd.read_csv(os.path.join(str(tmp_path / "two"), os.path.relpath(folder, tmp_path / "one"), name))
+                assert one["Image"].tolist() == two["Image"].tolist()
+                assert np.allclose(one.select_dtypes("number"), two.select_dtypes("number"), rtol=1e-6, atol=0)
+    assert found == 4   # k = 2 and 4: metrics and maps
+
+
+@pytest.mark.parametrize("normalization", ["references", "set"])
+def test_a_two_rank_prediction_writes_the_scores_of_one_process(trained, tmp_path, normalization):
+    common = ["--checkpoint", trained.ckpt, "--ref_features", os.path.join(trained.refs, CLASS), "--images",
+              trained.images, "--batch_size", "2", "--device", "cpu", "--num_workers", "0", "--normalization",
+              normalization, "--save_maps"]
+    one = subprocess.run([sys.executable, "predict.py", *common, "--out", str(tmp_path / "one")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    _assert_ran(one)
+    _assert_ran(torchrun("predict.py", *common, "--out", str(tmp_path / "two")))
+    a, b = (pd.read_csv(tmp_path / name / "scores.csv") for name in ("one", "two"))
+    assert a["image"].tolist() == b["image"].tolist() and (a["label"] == b["label"]).all()
+    assert np.allclose(a["score"], b["score"], rtol=1e-6, atol=0) and np.allclose(a["threshold"], b["threshold"])
+    assert sorted(os.listdir(tmp_path / "one" / "heatmaps")) == sorted(os.listdir(tmp_path / "two" / "heatmaps"))
+    assert not [n for n in os.listdir(tmp_path / "two") if n.startswith(".")]
+
+
+def _training(trained, out, *extra):
+    return ["main.py", "--setting", "custom", "--source_dataset", "demo", "--target_dataset", "demo",
+            "--seen_classes", "stripes", "nut", "--unseen_classes", CLASS, "--train_dataset_dir", trained.root,
+            "--test_dataset_dir", trained.root, "--test_ref_feature_dir", trained.refs, "--num_ref_shot", "4",
+            "--train_ref_shot", "2", "--train_ref_pool", "3", "--backbone", "tf_efficientnet_lite0", "--epochs", "4",
+            "--stage1_epochs", "2", "--batch_size", "2", "--eval_batch_size", "4", "--eval_freq", "4", "--lr", "1e-4",
+            "--num_workers", "0", "--coupling_layers", "2", "--num_embeddings", "16", "--num_heatmaps", "0",
+            "--device", "cpu", "--checkpoint_path", str(out), "--no_map_metrics", *extra]
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def _rank_pid(launcher, rank):
+    for child in _children(launcher):
+        try:
+            with open(f"/proc/{child}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return child
+        except OSError:
+            pass
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_resume_finishes_it_as_if_uninterrupted(trained, tmp_path):
+    _assert_ran(torchrun(*_training(trained, tmp_path / "whole")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *_training(trained, tmp_path / "cut")]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "cut" / "custom" / "custom_latest.pth"
+    deadline = time.time() + 300
+    while not latest.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    victim = _rank_pid(launcher.pid, 1)
+    assert victim is not None and launcher.poll() is None, "the run ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    started = time.time()
+    out, err = launcher.communicate(timeout=180)
+    assert launcher.returncode != 0 and time.time() - started < 120
+    assert re.search(r"rank:? 1\b", err), err[-2000:]
+    assert not [p for p in os.listdir(latest.parent) if p.endswith(".tmp")]
+    _assert_ran(torchrun(*_training(trained, tmp_path / "cut", "--resume")))
+    one, two = (open(tmp_path / name / "custom" / "custom_epoch4_metrics.csv").read() for name in ("whole", "cut"))
+    assert one == two
+
+
+def test_ranks_started_with_different_arguments_are_refused(trained, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), PYTHONWARNINGS="ignore")
+        args = ["main.py", "--baseline", "knn", "--setting", "custom", "--source_dataset", "demo",
+                "--target_dataset", "demo", "--seen_classes", "stripes", "--unseen_classes", CLASS, "--test_dataset_dir", trained.root,
+                "--test_ref_feature_dir", trained.refs, "--backbone", "tf_efficientnet_lite0", "--device", "cpu",
+                "--num_workers", "0", "--checkpoint_path", str(tmp_path), "--seed", str(rank)]
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 2, err[-2000:]
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "differ in arguments" in errors[0] and "Traceback" not in err

@@ -157,7 +157,7 @@ def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None)
         raise
     counts, total = record["images"], record["seconds"]["total"]
     print(f"predict: {counts.get('anomalous', 0)} anomalous, {counts.get('normal', 0)} normal, "
-          f"{counts.get('failed', 0)} failed of {counts['count']} images ({total:.1f} s); results in {config.out}: "
+          f"{counts.get('failed', 0)} failed of {counts.get('count', 0)} images ({total:.1f} s); results in {config.out}: "
           "scores.csv, predict_run.json" + (", heatmaps/" if config.heatmaps else "")
           + (", maps/" if config.save_maps else ""))
     return record
