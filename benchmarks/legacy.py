@@ -135,3 +135,8 @@ class LegacyReferencePool(TrainReferencePool):
 
     def lookup(self, paths, labels):
         return None
+
+    def banks(self, class_name, paths, shots, generator, exclude_self=False):
+        if exclude_self:   # it keeps no path of its pool's images, so it cannot tell an image from its references
+            raise ValueError("the previous reference pool has no --train_exclude_self; compare without it")
+        return super().banks(class_name, paths, shots, generator)

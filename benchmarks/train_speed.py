@@ -36,6 +36,7 @@ from stages import StageProfile, load_average, matmul_rate_gmacs, peak_memory_gi
 from models.resad import ResAD  # noqa: E402
 from utils.cli.adapters import run_config  # noqa: E402
 from utils.cli.options import Parser, add_training_arguments  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.run.loaders import make_loader  # noqa: E402
 from utils.run.reference_pool import TrainReferencePool  # noqa: E402
 from utils.run.training import Trainer, train_one_epoch  # noqa: E402
@@ -107,6 +108,9 @@ class StepRecorder(Trainer):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare and args.train_exclude_self:
+        raise UserError("--compare --train_exclude_self: the previous implementation (benchmarks/legacy.py) has no "
+                        "--train_exclude_self, so the two would not train alike; drop one of the two")
     tune_cpu_allocator()
     device = resolve_device(args.device)
     configure_device(device)

@@ -13,8 +13,9 @@ tuning (tile sizes, block budget, an approximate similarity dtype) is a construc
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,22 @@ def similarity_error_bound(dtype: torch.dtype, dim: int) -> float:
     return 1.02 * (inputs + accumulation + output)
 
 
+@contextlib.contextmanager
+def float32_accumulation() -> Iterator[None]:
+    """Half-precision products accumulated in float32, as :func:`similarity_error_bound` assumes: PyTorch by
+    default lets CUDA reduce float16 (and bfloat16) products in reduced precision
+    (``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``), whose error the bound does not
+    cover; this turns that off for the block and restores the setting after."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    matmul.allow_fp16_reduced_precision_reduction = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+
+
 def certified_argmax_rows(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Row-wise arg-max of ``queries @ bank.T`` for unit rows, exact, from ``dtype`` similarities.
 
@@ -79,7 +96,8 @@ def certified_argmax_rows(queries: torch.Tensor, bank: torch.Tensor, dtype: torc
     taken (the lowest index among exact ties, like ``argmax``).  Any row outside the
     candidates is provably below the best candidate, so the result is the exact arg-max.
     """
-    approx = torch.mm(queries.to(dtype), bank.t().to(dtype)).float()
+    with float32_accumulation():
+        approx = torch.mm(queries.to(dtype), bank.t().to(dtype)).float()
     best = approx.max(dim=1, keepdim=True).values
     slack = 2 * similarity_error_bound(dtype, queries.shape[1])
     rows, cols = torch.nonzero(approx >= best - slack, as_tuple=True)

@@ -296,15 +296,8 @@ def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     deadline = time.time() + 900
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    # Python drops a KeyboardInterrupt raised inside a finalizer (__del__, a weakref callback), which can
-    # happen under load: a user then presses Ctrl-C again, and so does the test, once the run has had a
-    # minute to stop (a second signal while it is exiting would kill it).
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGINT)   # once: a press that a finalizer dropped is raised again by the loop
+    _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and "--resume" in stderr
@@ -312,6 +305,32 @@ def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
 
 
 # --------------------------------------------------------------------------- presets
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the dropped one, on purpose
+def test_a_ctrl_c_dropped_by_a_finalizer_is_raised_again_at_the_next_step():
+    """The cause of a lost Ctrl-C: a KeyboardInterrupt raised inside a __del__ is printed and dropped by
+    Python.  The press is recorded and the next step of a loop (utils.stages.staged) raises it again."""
+    import gc
+
+    from utils import errors
+    from utils.stages import staged
+
+    class Finalized:
+        def __del__(self):
+            errors._on_interrupt(signal.SIGINT, None)   # Ctrl-C arrives while a finalizer runs
+
+    seen = []
+
+    def main(argv):
+        for item in staged(range(5), "loading"):
+            seen.append(item)
+            if item == 1:
+                Finalized()          # dropped at once: "Exception ignored in ... KeyboardInterrupt"
+                gc.collect()
+
+    assert errors.run_cli(main, []) == errors.EXIT_INTERRUPTED and seen == [0, 1]
+    assert errors.run_cli(lambda argv: list(staged(range(3), "x")), []) == 0   # a new run starts clean
+
 
 def test_presets_set_defaults_and_explicit_flags_win():
     import main

@@ -127,9 +127,16 @@ def test_f1_max_threshold_and_failure_cases_against_brute_force():
 
     chosen = failure_cases(labels, scores, 3)
     anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    assert chosen[0] == (int(anomalous[np.argmin(scores[anomalous])]), "worst-miss")
-    assert chosen[1] == (int(normal[np.argmax(scores[normal])]), "worst-false-alarm")
-    assert chosen[2] == (int(anomalous[np.argmax(scores[anomalous])]), "top-anomalous")
+    assert chosen[0] == (int(anomalous[np.argmin(scores[anomalous])]), "lowest-anomalous")
+    assert chosen[1] == (int(normal[np.argmax(scores[normal])]), "highest-normal")
+    assert chosen[2] == (int(anomalous[np.argmax(scores[anomalous])]), "highest-anomalous")
+    # the lowest-scoring anomalous image at the F1-max threshold is flagged: named for what it is, not a miss
+    tied = np.array([0.1, 0.2, 0.5, 0.5, 0.9])
+    found = failure_cases(np.array([0, 0, 0, 1, 1]), tied, 1)[0]
+    assert found == (3, "lowest-anomalous") and f1_max_threshold(np.array([0, 0, 0, 1, 1]), tied) == 0.5
+    from utils.report.results import heatmap_title
+    title = heatmap_title("run", "cls", dict(threshold=0.5, score=0.5, path="x/crack/001.png", role=found[1]))
+    assert "flagged at the class's F1-max threshold" in title and "miss" not in title
     many = failure_cases(labels, scores, 100)
     assert len(many) == 16 and len({i for i, _ in many}) == 16
     assert failure_cases(labels, scores, 0) == []
@@ -204,7 +211,7 @@ def test_multi_shot_script_writes_the_per_k_layout(trained):
         tables[k] = frame
         heatmaps = sorted(os.listdir(folder / "heatmaps"))
         for cls in DEMO_UNSEEN:  # 2 normal and 3 anomalous test images: the three kinds exist
-            for role in ("worst-miss", "worst-false-alarm", "top-anomalous"):
+            for role in ("lowest-anomalous", "highest-normal", "highest-anomalous"):
                 assert sum(h.startswith(f"{cls}_{role}_") for h in heatmaps) == 1, heatmaps
         with open(folder / f"{name}_epoch1_metrics.json") as f:
             assert json.load(f)["run"] == name

@@ -226,3 +226,23 @@ def test_result_files_get_the_mode_of_a_plain_open(tmp_path):
     mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
     assert mode("a.json") == mode("plain.txt") == 0o644
     assert mode("b.json") == 0o600
+
+
+def test_image_labels_only_say_so_and_chart_the_image_metric(tmp_path, monkeypatch):
+    """A class labelled per image has no pixel metrics: the summary says so (no "nan"), and the per-class
+    chart draws the image AUROC instead of empty pixel-AUROC bars."""
+    from types import SimpleNamespace
+
+    from utils.report import plots, results
+
+    labels_only = dict({m: float("nan") for m in METRIC_NAMES}, **{"Image AUC": 0.75, "Image AP": 0.8, "Image F1": 0.7})
+    per_class = {"a": SimpleNamespace(metrics=labels_only, group_metrics=[], maps={}, heatmaps=[], scores={},
+                                      paths=[], labels=None)}
+    drawn = []
+    monkeypatch.setattr(plots, "plot_class_metric", lambda table, metric, path, title=None: drawn.append((metric, title)))
+    table = results.write_evaluation(RunOutputs(str(tmp_path), "run"), 1, per_class, heatmaps=False)
+    line = results.summary_line("run", table)
+    assert line == "run: image AUROC 0.7500 | image labels only (mean over 1 classes)"
+    assert drawn == [("Image AUC", "run, epoch 1: image AUROC per class (image labels only)")]
+    with_pixels = table.assign(**{"Pixel AUC": 0.9, "Pixel AUPRO": 0.8})
+    assert results.summary_line("run", with_pixels).endswith("pixel AUROC 0.9000 | AUPRO 0.8000 (mean over 1 classes)")

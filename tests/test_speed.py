@@ -56,6 +56,29 @@ def test_certified_matcher_equals_brute_force_on_near_ties(dtype, dim):
     assert (got.numpy() == expected).all()
 
 
+def test_the_certified_product_accumulates_in_float32_whatever_the_global_setting(monkeypatch):
+    """CUDA may reduce half-precision products in reduced precision (PyTorch's default), which the bound does
+    not cover: the matcher's product runs with that off, and the user's setting is restored after."""
+    import models.matching as matching
+
+    seen = []
+    real_mm = torch.mm
+
+    def recording_mm(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction))
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", True)
+    monkeypatch.setattr(matching.torch, "mm", recording_mm)
+    q, bank = _near_tied(24, queries=20)
+    certified_argmax_rows(F.normalize(q, dim=1), F.normalize(bank, dim=1), torch.float16)
+    assert seen == [(False, False)]
+    assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is True
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is True
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [24, 256])
 def test_similarity_error_bound_holds(dtype, dim):
@@ -339,3 +362,23 @@ def test_numpy_value_sort_equals_torch_sort_with_ties():
     values = torch.randint(-3, 4, (5, 7, 300)).float() * 0.5
     values[0, 0, :10] = -0.0
     assert torch.equal(_sorted_values(values), values.sort(dim=-1).values)
+
+
+def test_the_previous_pool_refuses_train_exclude_self(tiny_images):
+    """benchmarks/legacy.py's pool cannot exclude an image from its own references: it refuses, and so does
+    train_speed.py --compare --train_exclude_self (before any work)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import legacy
+    import train_speed
+
+    from utils.errors import UserError
+
+    pool = legacy.LegacyReferencePool(TinyExtractor(), tiny_images, 2, 4, 0, torch.device("cpu"))
+    pool.refresh(torch.Generator().manual_seed(0))
+    name = next(iter(tiny_images))
+    paths = [s.image for s in tiny_images[name]][:2]
+    assert pool.banks(name, paths, 1, torch.Generator().manual_seed(1))   # without it: as before
+    with pytest.raises(ValueError, match="train_exclude_self"):
+        pool.banks(name, paths, 1, torch.Generator().manual_seed(1), exclude_self=True)
+    with pytest.raises(UserError, match="--compare --train_exclude_self"):
+        train_speed.main(["--compare", "--train_exclude_self"])

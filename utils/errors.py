@@ -7,11 +7,31 @@ traceback.  Programming errors still surface with their full traceback.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+# Ctrl-C while the interpreter runs a finalizer (a ``__del__``, e.g. a progress bar's, or a weakref
+# callback) raises KeyboardInterrupt inside it, and Python prints and drops it ("Exception ignored in
+# ..."): the press was lost.  The handler below records every press, and the loops re-raise a recorded
+# one at their next step (:func:`check_interrupted`, called by :func:`utils.stages.staged`).
+_pressed = False
+
+
+def _on_interrupt(signum, frame) -> None:
+    global _pressed
+    _pressed = True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed and its first KeyboardInterrupt was dropped."""
+    if _pressed:
+        raise KeyboardInterrupt
 
 
 class UserError(Exception):
@@ -38,6 +58,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
     """Run a script's ``main(argv)``; report user errors and Ctrl-C in one line."""
     from utils import distributed   # the one process group of a torchrun job, left at the end
 
+    global _pressed
+    _pressed = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
     try:
         main(argv)
     except UserError as err:
@@ -49,4 +73,6 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         return EXIT_INTERRUPTED
     finally:
         distributed.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     return 0

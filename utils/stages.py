@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, ContextManager, Iterable, Iterator, Optional, TypeVar
 
+from utils.errors import check_interrupted
+
 T = TypeVar("T")
 Listener = Callable[[str], ContextManager]
 
@@ -28,9 +30,11 @@ def stage(name: str) -> Iterator[None]:
 
 
 def staged(iterable: Iterable[T], name: str) -> Iterator[T]:
-    """``iterable`` with every ``next`` marked as the stage ``name`` (e.g. loading a batch)."""
+    """``iterable`` with every ``next`` marked as the stage ``name`` (e.g. loading a batch); a Ctrl-C whose
+    KeyboardInterrupt a finalizer dropped is raised again here (:func:`utils.errors.check_interrupted`)."""
     iterator = iter(iterable)
     while True:
+        check_interrupted()
         with stage(name):
             try:
                 item = next(iterator)

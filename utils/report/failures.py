@@ -2,9 +2,10 @@
 
 After scoring a class, three kinds of images show a person why it fails: the
 highest-scoring anomalous image (what the model finds), the lowest-scoring
-anomalous image (the worst miss) and the highest-scoring normal image (the
-worst false alarm).  Their titles compare the image score with the class's
-image-level threshold at the F1-max point.
+anomalous image (the hardest defect) and the highest-scoring normal image (the
+most suspicious normal part).  They are named for what they are, not for a
+verdict: the lowest-scoring anomalous image is a miss only when it scores below
+the class's F1-max threshold, which its title says (flagged or passed).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sklearn.metrics import precision_recall_curve
 
 # Order in which the kinds are taken when fewer images than kinds are asked for:
 # the failures first.
-ROLES = ("worst-miss", "worst-false-alarm", "top-anomalous")
+ROLES = ("lowest-anomalous", "highest-normal", "highest-anomalous")
 
 
 def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -32,15 +33,16 @@ def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def failure_cases(labels: np.ndarray, scores: np.ndarray, count: int) -> List[Tuple[int, str]]:
-    """Up to ``count`` (index, role) pairs: worst miss, worst false alarm, top anomalous, then the runners-up
-    of each kind in the same rotation; an image is chosen once."""
+    """Up to ``count`` (index, role) pairs: the lowest-scoring anomalous image, the highest-scoring normal one,
+    the highest-scoring anomalous one, then the runners-up of each kind in the same rotation; an image is
+    chosen once."""
     labels = np.asarray(labels).astype(bool).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     anomalous, normal = np.flatnonzero(labels), np.flatnonzero(~labels)
     queues = {
-        "worst-miss": anomalous[np.argsort(scores[anomalous], kind="stable")],
-        "worst-false-alarm": normal[np.argsort(-scores[normal], kind="stable")],
-        "top-anomalous": anomalous[np.argsort(-scores[anomalous], kind="stable")],
+        "lowest-anomalous": anomalous[np.argsort(scores[anomalous], kind="stable")],
+        "highest-normal": normal[np.argsort(-scores[normal], kind="stable")],
+        "highest-anomalous": anomalous[np.argsort(-scores[anomalous], kind="stable")],
     }
     chosen: List[Tuple[int, str]] = []
     taken = set()

@@ -21,8 +21,15 @@ def summary_line(tag: str, table: pd.DataFrame) -> str:
         std = f" +- {mean[metric + ' std']:.4f}" if f"{metric} std" in table.columns else ""
         return f"{mean[metric]:.4f}{std}"
 
+    if not pixel_metrics(table):
+        return f"{tag}: image AUROC {value('Image AUC')} | image labels only (mean over {len(table) - 1} classes)"
     return (f"{tag}: image AUROC {value('Image AUC')} | pixel AUROC {value('Pixel AUC')} | "
             f"AUPRO {value('Pixel AUPRO')} (mean over {len(table) - 1} classes)")
+
+
+def pixel_metrics(table: pd.DataFrame) -> bool:
+    """Whether any class of a metrics table has pixel metrics (not: image labels only, docs/method.md §5.5)."""
+    return bool(np.isfinite(table["Pixel AUC"].to_numpy(dtype=float)).any())
 
 
 def evaluation_table(per_class) -> pd.DataFrame:
@@ -35,8 +42,12 @@ def write_evaluation(out: RunOutputs, epoch: int, per_class, heatmaps: bool) -> 
     """``<run>_epoch<E>_metrics.csv/.json``, ``_pixel_auroc.png`` and, with ``heatmaps``, the failure heat-maps."""
     table = evaluation_table(per_class)
     write_table(out.metrics_csv(epoch), out.metrics_json(epoch), table, run=out.name, epoch=epoch)
-    plots.plot_class_metric(table, "Pixel AUC", out.pixel_auroc_png(epoch),
-                            title=f"{out.name}, epoch {epoch}: pixel AUROC per class")
+    if pixel_metrics(table):
+        plots.plot_class_metric(table, "Pixel AUC", out.pixel_auroc_png(epoch),
+                                title=f"{out.name}, epoch {epoch}: pixel AUROC per class")
+    else:   # image labels only: the image metric, in the same file
+        plots.plot_class_metric(table, "Image AUC", out.pixel_auroc_png(epoch),
+                                title=f"{out.name}, epoch {epoch}: image AUROC per class (image labels only)")
     write_single_maps(out, epoch, per_class)
     write_image_scores(out.scores_csv(epoch), per_class, "scores")
     if heatmaps:
@@ -85,15 +96,21 @@ def write_single_maps(out: RunOutputs, epoch: int, per_class) -> None:
         write_table(out.maps_csv(epoch), None, table)
 
 
-def _save_heatmap(out: RunOutputs, class_name: str, item: dict) -> None:
+def heatmap_title(run: str, class_name: str, item: dict) -> str:
+    """The title of a failure heat-map: the run, class, role and image, and the verdict at the class's F1-max
+    threshold (an image at the threshold is flagged)."""
     if np.isfinite(item["threshold"]):
         verdict = "flagged" if item["score"] >= item["threshold"] else "passed"
         judged = f"{verdict} at the class's F1-max threshold {item['threshold']:.3f}"
     else:
         judged = "(no F1-max threshold: the class lacks normal or anomalous images)"
     kind, stem = image_label(item["path"])
-    plots.save_heatmap(out.heatmap(class_name, item["role"], item["path"]), **item, title=f"{out.name}: {class_name} / {item['role']} ({kind}/{stem})\n"
-                                           f"image score {item['score']:.3f} {judged}")
+    return f"{run}: {class_name} / {item['role']} ({kind}/{stem})\nimage score {item['score']:.3f} {judged}"
+
+
+def _save_heatmap(out: RunOutputs, class_name: str, item: dict) -> None:
+    plots.save_heatmap(out.heatmap(class_name, item["role"], item["path"]), **item,
+                       title=heatmap_title(out.name, class_name, item))
 
 
 def write_knn_beside(out: RunOutputs, epoch: int, per_class) -> Optional[pd.DataFrame]:
@@ -111,8 +128,8 @@ def write_knn_only(out: RunOutputs, per_class) -> pd.DataFrame:
     """``--baseline knn``: ``<run>_baseline.csv/.json`` (as :func:`write_knn_beside`) and its per-image scores."""
     table = maps_table({name: ev.knn for name, ev in per_class.items()})
     save_csv(out.knn_only_csv(), table)
-    save_json(out.knn_only_json(), {"run": out.name, "baseline": "knn", "maps": {
-        name: {r[CLASS_COLUMN]: {m: r[m] for m in part.columns if m not in (CLASS_COLUMN, MAP_COLUMN)}
-               for _, r in part.iterrows()} for name, part in table.groupby(MAP_COLUMN, sort=False)}})
+    maps = {name: {r[CLASS_COLUMN]: {m: r[m] for m in part.columns if m not in (CLASS_COLUMN, MAP_COLUMN)}
+                   for _, r in part.iterrows()} for name, part in table.groupby(MAP_COLUMN, sort=False)}
+    save_json(out.knn_only_json(), {"run": out.name, "baseline": "knn", "classes": maps["knn"], "maps": maps})
     write_image_scores(out.knn_only_scores_csv(), per_class, "knn_scores")
     return table

@@ -349,7 +349,8 @@ def _metrics(maps: np.ndarray, scores: ClassScores, config: EvalConfig) -> Tuple
 
 def _failure_heatmaps(samples: Sequence[Sample], maps: np.ndarray, labels: np.ndarray, masks: np.ndarray,
                       extractor: FeatureExtractor, count: int, rule: str = "max") -> List[dict]:
-    """The worst miss, worst false alarm and top anomalous image of a class (images re-read from disk)."""
+    """The lowest-scoring anomalous, highest-scoring normal and highest-scoring anomalous images of a class
+    (:func:`utils.report.failures.failure_cases`; images re-read from disk)."""
     scores = image_scores(maps, rule).numpy()
     threshold = f1_max_threshold(labels, scores)
     chosen = failure_cases(labels, scores, count)
