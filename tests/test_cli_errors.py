@@ -18,6 +18,7 @@ import torch
 
 from datasets import DEMO_SEEN, DEMO_UNSEEN, generate_demo_dataset
 from models.extractor import OFFLINE_BACKBONE, build_extractor
+from tests.run_helpers import run_script
 from utils.metrics import METRIC_NAMES
 from utils.run.extraction import extract_reference_features
 
@@ -43,10 +44,9 @@ def demo(tmp_path_factory):
     return {"root": root, "refs": refs, "base": base}
 
 
-def run(script, *args, timeout=900):
-    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run(script, *args):
+    """The script in this process (tests/run_helpers.py: the exit status and output of a subprocess)."""
+    return run_script(script, *args)
 
 
 def main_args(demo, out, **overrides):
@@ -243,6 +243,7 @@ def test_resume_refuses_other_model_options_naming_each(demo, finished_run, tmp_
                       "--residual squared (this run difference)", out=out)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
     settings = {"--epochs": 3, "--eval_freq": 1}
     straight = tmp_path / "straight"
@@ -288,6 +289,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(demo, tmp_path):
     assert record["resumes"][0]["checkpoint"] == str(latest) and record["args"]["resume"] is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_complete_files_and_says_how_to_resume(demo, tmp_path):
     out = tmp_path / "out"
     latest = out / "demo" / "demo_latest.pth"

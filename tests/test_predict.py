@@ -14,6 +14,7 @@ from datasets import Sample, evaluation_samples
 from models.anomaly_map import anomaly_maps, map_statistics
 from models.extractor import OFFLINE_BACKBONE
 from models.matching import ReferenceBank
+from tests import run_helpers
 from tests.conftest import CLASS
 from utils.errors import UserError, run_cli
 from utils.formats import checkpoint, reference_features
@@ -173,9 +174,7 @@ def test_an_unreadable_image_among_many_is_a_warning_and_a_failed_row(trained, t
 
 
 def run_script(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
-    return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env=env)
+    return run_helpers.run_script("predict.py", *args)
 
 
 def assert_one_line_error(proc, *fragments):
