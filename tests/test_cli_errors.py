@@ -145,6 +145,7 @@ def test_broken_image_file(demo, tmp_path, damage, workers):
 
 # --------------------------------------------------------------------------- reference features
 
+@pytest.mark.slow
 def test_reference_features_of_another_backbone(demo, tmp_path):
     refs = tmp_path / "refs"
     shutil.copytree(demo["refs"], refs)

@@ -80,6 +80,7 @@ def demo_args(demo_root, demo_refs, out, **overrides):
     return make_args(**settings)
 
 
+@pytest.mark.slow
 def test_fit_trains_evaluates_and_writes_everything(demo_root, demo_refs, tmp_path, capsys):
     args = demo_args(demo_root, demo_refs, tmp_path)
     tables = fit(args, shots=[2], run_names={2: "demo"})

@@ -71,6 +71,7 @@ def test_bad_backbone_inputs(tmp_path):
         build_extractor("resnet18", weights=str(junk))
 
 
+@pytest.mark.slow
 def test_no_network_message_names_the_ways_out(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
     good = tmp_path / "fewshot" / "bottle" / "train" / "good"  # valid inputs: the paths are checked first

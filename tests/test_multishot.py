@@ -198,6 +198,7 @@ def trained(demo):
     return out
 
 
+@pytest.mark.slow
 def test_multi_shot_script_writes_the_per_k_layout(trained):
     tables = {}
     for k in (1, 2):

@@ -233,6 +233,7 @@ MTD = os.path.join(REPO, "..", "shared", "data", "real", "mtd", "magnetic_tile")
 needs_mtd = pytest.mark.skipif(not os.path.isdir(MTD), reason="../shared/data/real/mtd not present")
 
 
+@pytest.mark.slow
 @needs_mtd
 @pytest.mark.parametrize("preset", ["authors", "recommended"])
 def test_a_part_gets_the_same_score_and_label_whatever_is_scored_with_it(trained, preset):
@@ -330,6 +331,7 @@ def test_an_interrupted_run_is_continued_and_another_run_is_refused(trained, tmp
         predict(config(trained, cut, heatmaps=False, threshold=0.5), extractor=trained.extractor)
 
 
+@pytest.mark.slow
 def test_images_on_standard_input_are_scored_as_they_come(trained, tmp_path):
     folder = tmp_path / "folder"
     predict(config(trained, folder, heatmaps=False), extractor=trained.extractor)
