@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of both benchmarks (about 5 minutes on one GPU): wide_resnet50_2 with random
+# One GPU check of the benchmarks (not yet run on a GPU; sized to fit a few minutes): wide_resnet50_2 with random
 # weights (offline), 1,000 evaluation images, 3 training epochs of a generated 2,000-image set.
 # Prints images/s, the per-stage tables and the peak GPU memory of each.
 #
@@ -35,4 +35,9 @@ echo "== training: $EPOCHS epochs of $TRAIN_IMAGES generated images"
 python benchmarks/train_speed.py --backbone "$BACKBONE" --random_weights --device "$DEVICE" \
     --data "$DATA/no-fewshot-folder" --generated_dir "$DATA/train" --images "$TRAIN_IMAGES" \
     --epochs "$EPOCHS" --batch_size "$BATCH" --eval_batch_size "$BATCH" --num_workers "$WORKERS" --amp "$AMP"
+echo "== torchrun: training and evaluation images/s with 1 rank and one rank per GPU"
+GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
+RANKS="1"; [ "$GPUS" -gt 1 ] && RANKS="1 $GPUS"
+python benchmarks/distributed_speed.py --device "$DEVICE" --ranks $RANKS --train_images 64 --test_images 64 \
+    --batch_size "$BATCH"
 echo "== done $(date -u +%FT%TZ)"

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--stage1_epochs", type=int, default=10, help="first epochs without stage-2 anomalies")
     parser.add_argument("--train_exclude_self", action="store_true",
-                        help="a training image is never one of its own references (README, Recommended preset)")
+                        help="a training image is never one of its own references (docs/experiments.md)")
     parser.add_argument("--checkpoint", default=None, help="evaluate this trained model instead of training")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)

@@ -66,12 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--stage1_epochs", type=int, default=2)
     parser.add_argument("--train_exclude_self", action="store_true",
-                        help="a training image is never one of its own references (README, Recommended preset)")
+                        help="a training image is never one of its own references (docs/experiments.md)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=list(PRESETS), default="recommended",
-                        help="the recipe of the run (README, Recommended preset)")
+                        help="the recipe of the run (docs/experiments.md)")
     parser.add_argument("--knn_only", action="store_true", help="evaluate only the kNN baseline (no training)")
     parser.add_argument("--normalization", nargs="+", choices=list(NORMALIZATIONS), default=list(NORMALIZATIONS),
                         help="evaluate under each of these normalisations of the maps (the first one during "

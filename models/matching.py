@@ -36,7 +36,7 @@ APPROXIMATE_SIMILARITY_DTYPE = {"cuda": torch.float16, "cpu": None}
 # The float32 matcher's tiles: (elements, widest column tile).  CPU: tiles of 2M similarities
 # (8 MB, e.g. 2,674 query rows x 784 bank rows) in one reused buffer; tiles of 1M to 4M elements
 # and 512 to 2,048 columns were within 10 % of each other, 8M-element row blocks slower
-# (README, Speed).  CUDA: large row blocks, no column tiles.
+# (docs/performance.md).  CUDA: large row blocks, no column tiles.
 MATCH_TILE = {"cuda": (2 ** 26, None), "cpu": (2 ** 21, 1024)}
 
 

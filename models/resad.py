@@ -24,7 +24,7 @@ from models.vq import MultiScaleVQ
 from utils.stages import stage
 
 # Positions sent through a flow at once at inference: large on a GPU, cache-sized
-# on a CPU (where 4096 was 2x faster than 25088; README, Speed).
+# on a CPU (where 4096 was 2x faster than 25088; docs/performance.md).
 INFERENCE_CHUNK = {"cuda": 65536, "cpu": 4096}
 
 

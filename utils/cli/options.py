@@ -139,7 +139,7 @@ def _add_data_arguments(data, shots_flag: str) -> None:
     data.add_argument("--train_exclude_self", action="store_true",
                       help="never draw a training image (or the normal image a synthetic anomaly was drawn on) "
                            "as one of its own references, as at test time; matters when a seen class has few "
-                           "normal images (README, Recommended preset)")
+                           "normal images (docs/experiments.md)")
     data.add_argument("--source_dataset", default=None,
                       help="with --setting custom: the training dataset (a name above, or folder)")
     data.add_argument("--target_dataset", default=None,
@@ -180,7 +180,7 @@ def _add_run_arguments(run) -> None:
                      help="heat-map images per class after the last epoch")
     run.add_argument("--no_aupro", action="store_true", help="skip AUPRO (it is exact and fast; on by default)")
     run.add_argument("--no_map_metrics", action="store_true",
-                     help="skip <run>_epoch<E>_maps.csv (the metrics of each single map; README, Outputs)")
+                     help="skip <run>_epoch<E>_maps.csv (the metrics of each single map; docs/outputs.md)")
     run.add_argument("--ref_groups", type=at_least(1), default=1,
                      help="evaluate each k with N seeded draws of k references out of the bank "
                           "(mean and '<metric> std' columns when N > 1)")
@@ -215,8 +215,8 @@ def _add_model_arguments(model) -> None:
                             "level, each standardized over the class's positions, summed; standardized_residual: "
                             "also the distance to the matched reference; coarse_residual: -logp and that distance, "
                             "without the finest level; coarse_knn: -logp and the distance to the nearest "
-                            "reference (the kNN score), without the finest level (README, "
-                            "Recommended preset)")
+                            "reference (the kNN score), without the finest level (docs/method.md "
+                            "§2.9)")
     model.add_argument("--image_score", default="max", choices=IMAGE_SCORES,
                        help="image score from the map: its maximum (authors) or the mean of its top 1 %% pixels")
     add_normalization_argument(model, default="set")
@@ -259,7 +259,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     judged = parser.add_argument_group("threshold")
     exclusive = judged.add_mutually_exclusive_group()
     exclusive.add_argument("--threshold", type=real_number, default=None,
-                           help="a fixed image threshold (default: from the references, README 'Use a trained model')")
+                           help="a fixed image threshold (default: from the references, docs/predict.md)")
     exclusive.add_argument("--threshold_quantile", type=fraction, default=None, metavar="Q",
                            help="the threshold is this quantile of the references' leave-one-out scores "
                                 "(default: their maximum)")

@@ -21,7 +21,7 @@ DEMO_DEFAULTS = dict(
 )
 
 # --preset: "authors" is the authors' recipe (the parser's own defaults); "recommended" is the best
-# recipe measured on real defects (README, Recommended preset).  Each value is a flag's default.
+# recipe measured on real defects (docs/experiments.md).  Each value is a flag's default.
 PRESETS: Dict[str, Dict[str, object]] = {
     "authors": {},
     "recommended": dict(anomaly_map="coarse_knn", image_score="mean_top1pct", normalization="references"),
@@ -56,7 +56,7 @@ def preset_line(preset: str, demo: bool = False) -> str:
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="the recipe: authors (default; the authors' numbers) or recommended (the best measured "
-                             "on real defects; the --demo default); README, Recommended preset")
+                             "on real defects; the --demo default); docs/method.md §2.9")
 
 
 def add_demo_argument(parser: argparse.ArgumentParser) -> None:
