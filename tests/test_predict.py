@@ -389,3 +389,25 @@ def test_evaluation_writes_per_image_scores_and_the_baseline_raw_and_under_resad
         assert roc_auc_score(knn_scores["Label"], knn_scores[name]) == pytest.approx(auroc, abs=1e-5)
     maps = pd.read_csv(out.maps_csv(1))
     assert {"knn", "knn_normalized", "resad"} <= set(maps["Map"])
+
+
+def test_the_nearest_reference_search_covers_only_the_levels_read(trained, monkeypatch):
+    """Under coarse_knn the search skips the finest level (most of its cost), unless the raw baseline, which
+    reads every level, is computed in the same evaluation; the authors' map needs no search at all."""
+    import models.resad as resad
+
+    searched, real = [], resad.knn_level_maps
+    monkeypatch.setattr(resad, "knn_level_maps", lambda *a, levels=None, **k: searched.append(levels) or
+                        real(*a, levels=levels, **k))
+    state = checkpoint.open_model(trained.ckpt)
+    model = checkpoint.build_model(state, trained.extractor, 0.4, torch.device("cpu"))
+    bank = reference_features.load_bank(trained.refs, CLASS, trained.extractor.describe(), 4)
+    samples = evaluation_samples("demo", trained.root, CLASS)
+    cache = {}
+    for anomaly_map, knn_cache, expected in (("coarse_knn", None, [1, 2]), ("coarse_knn", cache, [0, 1, 2]),
+                                             ("coarse_knn", cache, [1, 2]), ("authors", None, None)):
+        searched.clear()
+        settings = EvalConfig(shots=(4,), batch_size=8, aupro=False, anomaly_map=anomaly_map, map_metrics=False)
+        evaluate(model, trained.extractor, {CLASS: samples}, {CLASS: bank}, settings, torch.device("cpu"),
+                 knn_cache=knn_cache)
+        assert searched == ([expected] if expected else []), (anomaly_map, searched)

@@ -25,26 +25,23 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from datasets import Sample
 from datasets.files import walk_image_files
-from models.anomaly_map import image_scores, nearest_levels, needed_fields, resad_maps, set_statistics
-from models.calibration import reference_outputs
 from models.extractor import FeatureExtractor
 from utils import distributed
-from utils.atomic import atomic_path, check_writable, ensure_dir, save_json
+from utils.atomic import check_writable, ensure_dir
 from utils.distributed import Ranks
 from utils.errors import UserError
-from utils.formats.predictions import (OutputNames, PredictionOutputs, ScoresAppender, ScoresWriter, judge,
-                                       output_names, read_scores, scored_images)
+from utils.formats.predictions import (OutputNames, PredictionOutputs, ScoresAppender, output_names, read_scores,
+                                       scored_images)
 from utils.report import run_record
 from utils.report.plots import PredictionHeatmaps
 from utils.run.config import PredictConfig
-from utils.run.prediction import (OutputStore, ReadableImages, image_batches, input_image, rank_batches,
-                                  score_images)
+from utils.run.prediction import (ReadableImages, heatmap_title, image_batches, input_image, prediction_record,
+                                  rank_batches, save_map, save_record, set_passes)
 from utils.run.predictor import CLASS, Scorer, check_references, load_scorer
 from utils.seed import seed_everything
 
@@ -150,7 +147,7 @@ def predict(config: PredictConfig, extractor: Optional[FeatureExtractor] = None)
               f"(--resize {scorer.extractor.resize}, the checkpoint's), map {config.anomaly_map}, image score "
               f"{config.image_score}, normalization {config.normalization}, device {scorer.device}")
         ensure_dir(config.out, "--out")
-        record = _stream(inputs, started) if config.normalization == "references" else _set_passes(inputs, started)
+        record = _stream(inputs, started) if config.normalization == "references" else set_passes(inputs, started)
     except BaseException:
         if created and distributed.current().primary and os.path.isdir(config.out) and not _results_in(config.out):
             _remove_tree(config.out)   # a run that scored nothing leaves no folder behind
@@ -207,22 +204,17 @@ def _stream(inputs: PredictionInputs, started: float) -> dict:
     if scorer.bank.num_shots == 1 and cfg.threshold is None:
         print("warning: with one reference the threshold is the reference's score against itself, which "
               "underestimates how much normal parts differ (docs/predict.md); give --threshold X or more references")
-    record = _record(inputs, identity, {}, {"count": 0}, {})
+    record = prediction_record(inputs, identity, {}, {"count": 0}, {})
     record["status"] = "running"
-    _save_record(inputs, record)
+    save_record(inputs, record)
     counts = _score_pending(inputs, done, threshold)
     record.update(status="done", images=dict(counts, inputs=[os.path.abspath(p) for p in cfg.images],
                                              earlier=len(done)))
     total = time.perf_counter() - started
     record["seconds"] = {"total": total}
     record["images_per_second"] = (counts.get("count", 0) - len(done)) / total if total else 0.0
-    _save_record(inputs, record)
+    save_record(inputs, record)
     return record
-
-
-def _save_record(inputs: PredictionInputs, record: dict) -> None:
-    if inputs.scorer.ranks.primary:   # under torchrun rank 0 writes
-        save_json(inputs.outputs.run_record(), record)
 
 
 def _threshold_source(scorer: Scorer) -> str:
@@ -374,157 +366,8 @@ def _score_batch(inputs: PredictionInputs, paths: List[str], names: List[str], b
     found = dict(zip(good, scores.tolist()))
     for j, i in enumerate(good):
         if cfg.save_maps:
-            _save_map(inputs.outputs.raw_map(names[i]), maps[j])
+            save_map(inputs.outputs.raw_map(names[i]), maps[j])
         if canvas is not None:
             canvas.save(inputs.outputs.heatmap(names[i]), input_image(batch["image"][i], scorer.extractor),
-                        maps[j].numpy(), _title(names[i], found[i], threshold))
+                        maps[j].numpy(), heatmap_title(names[i], found[i], threshold))
     return [(path, found.get(i), batch["error"][i]) for i, path in enumerate(paths)]
-
-
-def _title(name: str, score: float, threshold: float) -> str:
-    return (f"{name}: image score {score:.4g} {'>' if score > threshold else '<='} threshold {threshold:.4g}: "
-            f"{judge(score, threshold)}")
-
-
-def _save_map(path: str, values: torch.Tensor) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, values.numpy().astype(np.float16))
-
-
-def _record(inputs: PredictionInputs, identity: dict, threshold: dict, images: dict, seconds: dict) -> dict:
-    cfg, scorer = inputs.config, inputs.scorer
-    state = scorer.state
-    if not threshold:
-        threshold = {"value": scorer.threshold, "from": "--threshold" if cfg.threshold is not None else "references"}
-        if cfg.threshold is None and scorer.calibration is not None:
-            threshold.update(rule="max" if cfg.threshold_quantile is None else f"quantile {cfg.threshold_quantile:g}",
-                             reference_scores=scorer.calibration.reference_scores[scorer.kind][cfg.image_score])
-    return run_record.prediction_record(
-        cfg.arguments, cfg.seed, scorer.device, identity=identity,
-        checkpoint={"path": os.path.abspath(cfg.checkpoint), "epoch": int(state.get("epoch", 0)),
-                    "trained_on": state["trained_on"], "model_config": state.get("model_config")},
-        references=scorer.references, calibration=scorer.calibration_record,
-        images=images,
-        maps={"anomaly_map": cfg.anomaly_map, "kind": scorer.kind, "image_score": cfg.image_score,
-              "normalization": cfg.normalization, "smooth_sigma": cfg.smooth_sigma, "fdm_alpha": cfg.fdm_alpha,
-              "resize": scorer.extractor.resize},
-        threshold=threshold, seconds=seconds)
-
-
-# --------------------------------------------------------------------------- the set's statistics
-
-def _set_passes(inputs: PredictionInputs, started: float) -> dict:
-    """``--normalization set``: score every image into a scratch store, the set's statistics and the
-    threshold, then ``scores.csv`` (the run record beside it), then the heat-maps; returns the run record.
-    Under torchrun each rank scores every world_size-th batch, the statistics are merged exactly over the
-    ranks (sums and maxima) and rank 0 writes ``scores.csv`` in input order."""
-    cfg, scorer, n = inputs.config, inputs.scorer, len(inputs.samples)
-    ranks = scorer.ranks
-    mine = np.concatenate(rank_batches(n, cfg.batch_size, ranks.rank, ranks.world_size) or [np.zeros(0, int)])
-    with inputs.outputs.scratch() as scratch, OutputStore(scratch, n, scorer.extractor.feature_sizes,
-                                                          needed_fields(inputs.kind)) as store:
-        read = score_images(scorer.model, scorer.extractor, scorer.bank, inputs.samples, store, cfg.batch_size,
-                            cfg.num_workers, scorer.device, lambda i, why: _failed(inputs, i, why), indices=mine)
-        everywhere = distributed.all_gather_object((np.flatnonzero(read), inputs.failures))
-        inputs.failures = {i: why for _, failures in everywhere for i, why in failures.items()}
-        if not sum(len(found) for found, _ in everywhere):
-            raise UserError(f"--images: none of the {n} images could be read (first: {inputs.failures[0]})")
-        merge = distributed.all_reduce if ranks.active else None
-        statistics = set_statistics(lambda: store.chunks(np.flatnonzero(read), cfg.batch_size), inputs.kind,
-                                    scorer.extractor.image_size, merge, len(scorer.extractor.channels))
-        threshold = _set_threshold(inputs, statistics)
-        scored = time.perf_counter()
-        value_range, scores = set_scores(inputs, store, read, statistics)
-        record = _record(inputs, {}, threshold, {"inputs": [os.path.abspath(p) for p in cfg.images], "count": n},
-                         {})
-        if ranks.primary:
-            record["images"].update(write_set_scores(inputs, scores, threshold["value"]))
-        record["seconds"] = {"scoring": scored - started, "scores": time.perf_counter() - scored}
-        _save_record(inputs, record)
-        if cfg.heatmaps:
-            drawn = time.perf_counter()
-            draw_set_heatmaps(inputs, store, read, statistics, threshold["value"], value_range, mine)
-            record["seconds"]["heatmaps"] = time.perf_counter() - drawn
-    record["seconds"]["total"] = total = time.perf_counter() - started
-    record["images_per_second"] = n / total
-    _save_record(inputs, record)
-    return record
-
-
-def _failed(inputs: PredictionInputs, index: int, why: str) -> None:
-    inputs.failures[index] = why
-    tqdm.write(f"warning: {why}; its row in scores.csv is marked failed", file=sys.stderr)
-
-
-def _set_threshold(inputs: PredictionInputs, statistics) -> dict:
-    """The image threshold: ``--threshold``, or from the references' scores (each against the other k-1)
-    under the set's statistics (§11.2)."""
-    cfg, scorer = inputs.config, inputs.scorer
-    if cfg.threshold is not None:
-        print(f"threshold {cfg.threshold:.6g} (--threshold)")
-        return {"value": float(cfg.threshold), "from": "--threshold"}
-    levels = nearest_levels([inputs.kind], len(scorer.extractor.channels))
-    outputs = reference_outputs(scorer.model, scorer.bank, scorer.extractor.feature_sizes, levels)
-    maps = resad_maps(outputs, inputs.kind, scorer.extractor.image_size, cfg.smooth_sigma, statistics)
-    scores = image_scores(maps, cfg.image_score).numpy().astype(np.float64)
-    value = float(scores.max() if cfg.threshold_quantile is None else np.quantile(scores, cfg.threshold_quantile))
-    rule = "max" if cfg.threshold_quantile is None else f"quantile {cfg.threshold_quantile:g}"
-    print(f"threshold {value:.6g}: the {rule} of the {len(scores)} references' leave-one-out scores (each against "
-          f"the other {len(scores) - 1}: " + ", ".join(f"{s:.4g}" for s in scores) + ")")
-    return {"value": value, "from": "references", "rule": rule, "reference_scores": scores.tolist()}
-
-
-def set_scores(inputs: PredictionInputs, store: OutputStore, read: np.ndarray,
-               statistics) -> Tuple[Tuple[float, float], Dict[int, float]]:
-    """Pass 2: the image score of every image this rank read (the raw maps saved), and the maps' (min, max),
-    both over every rank."""
-    cfg, size = inputs.config, inputs.scorer.extractor.image_size
-    low, high, scores = np.inf, -np.inf, {}
-    mine = np.flatnonzero(read)
-    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="scores", dynamic_ncols=True):
-        chunk = mine[start:start + cfg.batch_size]
-        maps = resad_maps(store.get(chunk), inputs.kind, size, cfg.smooth_sigma, statistics)
-        scores.update(zip(chunk.tolist(), image_scores(maps, cfg.image_score).tolist()))
-        for j, index in enumerate(chunk.tolist()):
-            low, high = min(low, float(maps[j].min())), max(high, float(maps[j].max()))
-            if cfg.save_maps:
-                _save_map(inputs.outputs.raw_map(inputs.names[index]), maps[j])
-    everyone = distributed.all_gather_object((low, high, scores))
-    value_range = (min(part[0] for part in everyone), max(part[1] for part in everyone))
-    return value_range, {i: v for part in everyone for i, v in part[2].items()}
-
-
-def write_set_scores(inputs: PredictionInputs, scores: Dict[int, float], threshold: float) -> dict:
-    """``scores.csv`` of every image in input order (written whole); returns the count of each label."""
-    with ScoresWriter.open(inputs.outputs.scores_csv()) as writer:
-        for index, sample in enumerate(inputs.samples):
-            if index in scores:
-                writer.scored(sample.image, scores[index], threshold)
-            else:
-                writer.failed(sample.image, threshold, inputs.failures[index])
-    return dict(writer.counts)
-
-
-def draw_set_heatmaps(inputs: PredictionInputs, store: OutputStore, read: np.ndarray, statistics, threshold: float,
-                      value_range: Tuple[float, float], indices: np.ndarray) -> None:
-    """Pass 3: one PNG per readable image of ``indices`` (this rank's), the images read again and the maps
-    built again (cheap next to drawing)."""
-    cfg, extractor = inputs.config, inputs.scorer.extractor
-    canvas = PredictionHeatmaps(value_range, threshold, size=extractor.image_size)
-    try:
-        for start, batch in image_batches([inputs.samples[i] for i in indices], extractor, cfg.batch_size,
-                                          cfg.num_workers, "heat-maps"):
-            chunk = indices[start:start + len(batch["path"])]
-            good = chunk[read[chunk]]
-            if not len(good):
-                continue
-            maps = resad_maps(store.get(good), inputs.kind, extractor.image_size, cfg.smooth_sigma, statistics)
-            scores = image_scores(maps, cfg.image_score).tolist()
-            positions = {index: j for j, index in enumerate(chunk.tolist())}
-            for j, index in enumerate(good.tolist()):
-                canvas.save(inputs.outputs.heatmap(inputs.names[index]),
-                            input_image(batch["image"][positions[index]], extractor), maps[j].numpy(),
-                            _title(inputs.names[index], scores[j], threshold))
-    finally:
-        canvas.close()
