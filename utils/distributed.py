@@ -54,6 +54,7 @@ class Ranks:
 
 
 _current = Ranks()
+_owned = False      # whether this module started the process group (and so ends it)
 
 
 def current() -> Ranks:
@@ -73,6 +74,9 @@ def init(device: str = "auto") -> Ranks:
     if not launched() or _current.active:
         return _current
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():   # a caller's own job (the Inferencer inside someone's torchrun script): join it
+        _current = Ranks(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+        return _current
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda and device not in ("auto", "cuda"):
         raise UserError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; give --device cuda "
@@ -81,6 +85,8 @@ def init(device: str = "auto") -> Ranks:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
+    global _owned
+    _owned = True
     _current = Ranks(dist.get_rank(), dist.get_world_size(), local_rank, backend)
     signal.signal(signal.SIGTERM, _stopped_by_launcher)
     if not _current.primary:   # rank 0 alone prints results and progress bars; errors still reach stderr
@@ -227,10 +233,10 @@ def check_same(description: Dict[str, Any], what: str = "this run") -> None:
 
 def shutdown() -> None:
     """Leave the process group at the end of a run (torchrun then ends the job)."""
-    global _current
-    if _current.active and dist.is_initialized():
+    global _current, _owned
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
-    _current = Ranks()
+    _current, _owned = Ranks(), False
 
 
 def print_primary(*args, **kwargs) -> None:
