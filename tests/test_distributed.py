@@ -164,14 +164,15 @@ def test_a_real_training_epoch_keeps_every_rank_the_same(trained, tmp_path):
     _equal(ranks[0], ranks[1])
 
 
-def _uneven_copy(trained, folder):
-    """The demo data with 2 test images left in the second class: 7 images over 2 ranks, so the first class
-    (5 images, more than a rank's share) is cut into slices."""
+def _uneven_copy(trained, folder, keep):
+    """The demo data with only the first ``keep[c]`` test images of each class c, so that a class larger than a
+    rank's share of all images is cut into slices (``shard_plan``)."""
     root = shutil.copytree(trained.root, folder)
-    test = os.path.join(root, OTHER, "test")
-    images = sorted(os.path.join(d, f) for d, _, files in os.walk(test) for f in files)
-    for path in images[2:]:
-        os.remove(path)
+    for class_name, count in keep.items():
+        test = os.path.join(root, class_name, "test")
+        images = sorted(os.path.join(d, f) for d, _, files in os.walk(test) for f in files)
+        for path in images[count:]:
+            os.remove(path)
     return root
 
 
@@ -190,8 +191,12 @@ def _evaluate(trained, data, out, nproc):
     return proc
 
 
-def test_a_two_rank_evaluation_writes_the_tables_of_one_process(trained, tmp_path):
-    data = _uneven_copy(trained, tmp_path / "data")
+@pytest.mark.parametrize("keep", [{CLASS: 5, OTHER: 2}, {CLASS: 2, OTHER: 4}],
+                         ids=["slices in rank order", "slices out of rank order"])
+def test_a_two_rank_evaluation_writes_the_tables_of_one_process(trained, tmp_path, keep):
+    """{chip: 5, weave: 2}: chip's slices go to ranks 0 and 1 and meet on rank 0; {chip: 2, weave: 4}: weave's
+    first slice is on rank 1 and its second on rank 0, so they must be put together by slice, not by rank."""
+    data = _uneven_copy(trained, tmp_path / "data", keep)
     _evaluate(trained, data, tmp_path / "one", 1)
     _evaluate(trained, data, tmp_path / "two", 2)
     found = 0

@@ -153,8 +153,9 @@ def _evaluate_shared(model: ResAD, extractor: FeatureExtractor, test_sets: Dict[
         parts = [p for p in plan if p.class_name == class_name]
         owner = parts[0].rank
         if len(parts) > 1:
-            found = distributed.gather_object([mine[p] for p in parts if p.rank == ranks.rank], dst=owner)
-            scores = _joined_slices([s for rank_parts in found for s in rank_parts]) if found else None
+            found = distributed.gather_object([(p.index, mine[p]) for p in parts if p.rank == ranks.rank], dst=owner)
+            scores = _joined_slices([s for _, s in sorted(pair for rank_parts in found for pair in rank_parts)
+                                     ]) if found else None
         else:
             scores = mine.get(parts[0])
         if ranks.rank == owner:
