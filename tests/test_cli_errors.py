@@ -353,6 +353,7 @@ def test_presets_set_defaults_and_explicit_flags_win():
     assert main_extended_multi_shot.parse_args(["--preset", "recommended"]).anomaly_map == recommended["anomaly_map"]
 
 
+@pytest.mark.slow
 def test_eval_only_with_a_preset_scores_with_its_map_and_says_so(demo, finished_run, tmp_path):
     from utils.cli.presets import PRESETS
 

@@ -456,6 +456,7 @@ def test_training_samples_stages(mvtec_root):
 
 # ----------------------------------------------------------------------------- synthetic demo
 
+@pytest.mark.slow
 def test_demo_dataset_full_size(tmp_path):
     root = generate_demo_dataset(str(tmp_path / "demo"), seed=0)  # its time: a benchmark's business, not a test's
     for class_name in DEMO_SEEN + DEMO_UNSEEN:
