@@ -41,13 +41,11 @@ NORMALIZATIONS = ("set", "references")
 # k = 1: a reference position may not match the positions within this many cells (Chebyshev distance,
 # at every level) of itself; 0 bars the position alone (docs/method.md §2.10, measured there).
 SELF_EXCLUSION_RADIUS = 1
-RULES = {"leave_one_out": "each reference scored against the other k-1",
-         "self_excluded": "the one reference scored against itself, each position barred from its "
-                          f"neighbourhood of radius {SELF_EXCLUSION_RADIUS}"}
 
 
 def reference_rule(shots: int) -> str:
-    """The name of the rule that scores ``shots`` references (:data:`RULES`)."""
+    """The name of the rule that scores ``shots`` references: "leave_one_out" (each against the other k-1)
+    or, for one reference, "self_excluded" (against itself outside each position's neighbourhood)."""
     return "leave_one_out" if shots >= 2 else "self_excluded"
 
 
