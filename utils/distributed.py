@@ -117,11 +117,15 @@ def _collective(name: str, call):
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """``tensor`` reduced over the ranks, in place (sum, max or min); itself without torchrun."""
+    """``tensor`` reduced over the ranks, in place (sum, max or min); itself without torchrun.  NCCL reduces
+    CUDA tensors only: a CPU tensor (the step flags, partial statistics) goes through this rank's GPU."""
     if not _current.active:
         return tensor
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    _collective("all_reduce", lambda: dist.all_reduce(tensor, op=ops[op]))
+    on_backend = tensor.cuda() if _current.backend == "nccl" and tensor.device.type == "cpu" else tensor
+    _collective("all_reduce", lambda: dist.all_reduce(on_backend, op=ops[op]))
+    if on_backend is not tensor:
+        tensor.copy_(on_backend.cpu())
     return tensor
 
 
